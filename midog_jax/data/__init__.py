@@ -1,0 +1,1 @@
+"""Data layer: MIDOG readers, lazy slides, synthetic data, sampling, augmentation, pipeline."""

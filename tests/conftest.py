@@ -1,0 +1,33 @@
+"""Shared fixtures: the real annotation files and a generated tiny dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_midog_dir() -> Path:
+  """Folder with the real MIDOG annotation files (``../shared/data/midog``)."""
+  env = os.environ.get("MIDOG_SHARED_DATA")
+  return Path(env) if env else REPO.parent / "shared" / "data" / "midog"
+
+
+@pytest.fixture(scope="session")
+def real_midog_dir() -> Path:
+  d = shared_midog_dir()
+  if not (d / "MIDOG.json").exists():
+    pytest.skip(f"real annotation files not found in {d} (set MIDOG_SHARED_DATA)")
+  return d
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+  """The synthetic ``tiny`` preset, generated once per test process."""
+  from midog_jax.data import synthetic
+  out = tmp_path_factory.mktemp("tiny")
+  synthetic.generate(out, preset="tiny", seed=0, workers=1)
+  return out

@@ -16,6 +16,10 @@ import numpy as np
 
 RADIUS_MM = 0.0075  # 7.5 um (30 px at 0.25 um/px)
 EPS = 1e-6
+# The radius is inclusive, but pixel -> mm conversion rounds: a point exactly
+# 30 px (7.5 um) away often comes out 1e-18 mm too far. A relative slack far
+# below any physical distance keeps "exactly on the radius" a match.
+_RADIUS_RTOL = 1e-9
 
 
 @dataclasses.dataclass
@@ -65,6 +69,7 @@ def match(truth: np.ndarray, pred: np.ndarray, radius: float = RADIUS_MM
   if len(truth) == 0 or len(pred) == 0:
     return Counts(0, len(pred), len(truth)), assigned
   dist = np.sqrt(((truth[:, None, :] - pred[None, :, :]) ** 2).sum(-1))
+  radius = radius * (1 + _RADIUS_RTOL)
   tp = 0
   for i in range(len(truth)):
     d = np.where(assigned < 0, dist[i], np.inf)

@@ -214,7 +214,8 @@ def _find_csv(annotations: Path) -> Path | None:
 def load_midog(annotations: str | os.PathLike, root: str | os.PathLike | None = None,
                *, xvalidation_csv: str | os.PathLike | None = None,
                check_images: bool = False,
-               domain_key: str | None = None) -> MidogDataset:
+               domain_key: str | None = None,
+               truth_file: bool = False) -> MidogDataset:
   """Reads ``MIDOG.json`` (2021/2022 numbering) or ``MIDOG++.json``.
 
   Args:
@@ -224,6 +225,8 @@ def load_midog(annotations: str | os.PathLike, root: str | os.PathLike | None = 
     check_images: raise if an image file is missing.
     domain_key: which metadata is the domain ("scanner", "tumor_type", "lab",
       "species"); default scanner for MIDOG 2021, tumour type for MIDOG++.
+    truth_file: the file holds labels of the unlabeled domain (a held-out
+      truth file): every case in it counts as labelled.
 
   Raises:
     DataError naming the file and the problem for any malformed input.
@@ -323,7 +326,7 @@ def load_midog(annotations: str | os.PathLike, root: str | os.PathLike | None = 
         md["scanner"] = ""
       md.update(tumor_type="human breast cancer", lab="UMC Utrecht",
                 species="Human")
-      labeled = md["scanner"] != MIDOG21_UNLABELED_SCANNER
+      labeled = truth_file or md["scanner"] != MIDOG21_UNLABELED_SCANNER
     spacing = SCANNER_SPACING_UM.get(md["scanner"], 0.25)
     domain = md[domain_key] or "unknown"
     cases.append(Case(
@@ -347,7 +350,7 @@ def attach_truth(dataset: MidogDataset, truth: str | os.PathLike) -> MidogDatase
   Cases listed in the truth file get its labels and become labeled; their
   domain is unchanged, so they can serve as a held-out domain.
   """
-  t = load_midog(truth, dataset.root)
+  t = load_midog(truth, dataset.root, truth_file=True)
   truth_cases = {c.image_id: c for c in t.cases}
   out = []
   for c in dataset.cases:

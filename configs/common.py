@@ -1,0 +1,107 @@
+"""Shared pieces of every experiment config (big_vision style).
+
+Each experiment is ``configs/<name>.py`` with ``get_config(arg)``; ``arg`` is a
+comma-separated list of ``key=value`` or bare flags, e.g. ``quick`` or
+``aug=od,quick``. Keys every config has (DESIGN.md): ``data.root``, ``seed``,
+``total_steps``, ``batch_size``, ``init_from``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses ``"quick,aug=od"`` into a ConfigDict over ``defaults``.
+
+  Bare words set booleans to True; values are cast to the default's type.
+  Unknown keys are an error, so a typo cannot silently do nothing.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if key not in out:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(out)}")
+    if not sep:
+      out[key] = True
+      continue
+    kind = type(out[key])
+    if kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes", "on")
+    else:
+      out[key] = kind(value) if out[key] is not None else value
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Keys shared by all experiments, with their defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 10_000
+  c.batch_size = 30
+  c.init_from = ""            # orbax checkpoint dir or a workdir; "" = scratch
+  c.log_every = 50
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  c.num_workers = 0           # grain worker processes
+  c.data = data_config()
+  c.optimizer = optimizer_config()
+  c.eval = eval_config()
+  return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Where the data is and how patches are drawn (see data/pipeline.py)."""
+  d = ml_collections.ConfigDict()
+  d.root = ""                 # folder with MIDOG.json / MIDOG++.json; "" = synthetic small
+  d.annotations = ""          # explicit JSON path (default: looked up in root)
+  d.synthetic_preset = "small"
+  d.synthetic_dir = "data/synthetic_small"
+  d.split = "train_val"       # "train_val" | "official" | "lodo:<domain>"
+  d.val_fraction = 0.2
+  d.domain_key = ""           # "" = scanner (2021) / tumour type (MIDOG++)
+  d.extra_truth = "auto"      # truth of the unlabeled domain ("auto": synthetic's file)
+  d.patch_size = 512
+  d.strategy = "mitosis_centred"
+  d.p_mitosis = 0.5
+  d.stratify_domains = False
+  d.neg_min_dist_px = 60.0
+  d.imposter_fraction = 0.5
+  d.max_points = 32
+  d.shift = 16
+  d.d4 = True
+  d.elastic_alpha = 0.0
+  d.elastic_sigma = 8.0
+  d.colour = "rgb"
+  d.colour_strength = 0.1
+  d.val_patches = 64          # fixed validation patches for the validation loss
+  return d
+
+
+def optimizer_config(name: str = "adam", lr: float = 1e-4) -> ml_collections.ConfigDict:
+  """Adam 1e-4 (seed 000) or SGD+momentum with cosine cyclic LR (seed 001)."""
+  o = ml_collections.ConfigDict()
+  o.name = name               # "adam" | "sgd"
+  o.lr = lr
+  o.schedule = "constant"     # "constant" | "cosine_cyclic" | "cosine"
+  o.cycle_steps = 2000        # cosine_cyclic: length of one cycle
+  o.warmup_steps = 0
+  o.momentum = 0.9
+  o.weight_decay = 0.0
+  o.grad_clip = 0.0           # 0 disables global-norm clipping
+  return o
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """Whole-image evaluation settings (infer.py, evaluate.py)."""
+  e = ml_collections.ConfigDict()
+  e.tile_size = 512
+  e.tile_overlap = 64
+  e.tile_batch = 8
+  e.score_thresh = 0.05       # candidates kept for the threshold sweep
+  e.merge_radius_px = 25.0    # distance suppression across tiles
+  e.max_val_images = 0        # 0 = all validation images
+  e.write_overlays = True
+  return e

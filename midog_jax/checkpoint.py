@@ -1,0 +1,176 @@
+"""Orbax checkpoints: latest and best-by-validation-F1, with the data-iterator state.
+
+Layout under ``workdir/checkpoints``:
+  latest/<step>/{state, data, meta}   the last ``keep`` saves (resume point)
+  best/<step>/{state, meta}           the save with the best validation F1
+
+``state`` is the train state pytree (params, batch_stats, opt_state, step),
+``data`` the grain iterator state of this process, ``meta`` a small JSON dict
+(validation F1, the F1-best detection threshold, the config). Orbax writes
+each save to a temporary folder and renames it when complete, so a run killed
+mid-save leaves the previous checkpoint intact.
+
+Resume order (DESIGN.md): the workdir's latest checkpoint, else
+``config.init_from`` (params only: an orbax checkpoint, a workdir, or a
+``.safetensors`` file), else scratch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from midog_jax.errors import DataError
+
+
+def _manager(directory: Path, keep: int, items: tuple[str, ...]) -> ocp.CheckpointManager:
+  handlers = dict(state=ocp.StandardCheckpointHandler(),
+                  meta=ocp.JsonCheckpointHandler(),
+                  data=grain.checkpoint.CheckpointHandler())
+  return ocp.CheckpointManager(
+      directory.absolute(),
+      item_names=items,
+      item_handlers={k: handlers[k] for k in items},
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True, enable_async_checkpointing=False,
+          cleanup_tmp_directories=True))
+
+
+class Checkpoints:
+  """Latest + best checkpoints of one workdir."""
+
+  def __init__(self, workdir: str | os.PathLike, keep: int = 2):
+    root = Path(workdir) / "checkpoints"
+    self.latest = _manager(root / "latest", keep, ("state", "data", "meta"))
+    self.best = _manager(root / "best", 1, ("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save(self, step: int, state: Any, data_iter: Any, meta: dict) -> None:
+    """Saves the resume point (blocking, so a kill after it returns is safe)."""
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
+    self.latest.wait_until_finished()
+
+  def save_best(self, step: int, state: Any, meta: dict) -> None:
+    """Replaces the best checkpoint."""
+    for s in self.best.all_steps():
+      if s != step:
+        self.best.delete(s)
+    self.best.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
+    self.best.wait_until_finished()
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
+    """Restores state and (in place) the iterator; returns (state, meta)."""
+    step = self.latest.latest_step()
+    r = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iter),
+        meta=ocp.args.JsonRestore()))
+    return r["state"], dict(r["meta"])
+
+  def best_meta(self) -> dict | None:
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    return dict(self.best.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"])
+
+  def close(self):
+    self.latest.close()
+    self.best.close()
+
+
+def _jsonable(obj):
+  if isinstance(obj, dict):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if isinstance(obj, (np.generic, jax.Array)):
+    return np.asarray(obj).item()
+  return obj
+
+
+def load_for_inference(workdir: str | os.PathLike, which: str = "best"
+                       ) -> tuple[dict, dict]:
+  """Variables (params, batch_stats) and meta of a trained workdir.
+
+  ``which="best"`` falls back to the latest checkpoint when no best exists
+  (a run too short to have validated).
+  """
+  root = Path(workdir) / "checkpoints"
+  for name in ((which, "latest") if which == "best" else (which,)):
+    d = root / name
+    if not d.exists():
+      continue
+    mngr = ocp.CheckpointManager(
+        d.absolute(), item_names=("state", "meta"),
+        item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                           meta=ocp.JsonCheckpointHandler()),
+        options=ocp.CheckpointManagerOptions(read_only=True))
+    step = mngr.latest_step()
+    if step is None:
+      continue
+    r = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    state = r["state"]
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+      variables["batch_stats"] = state["batch_stats"]
+    return variables, dict(r["meta"])
+  raise DataError(root, "no checkpoint found (train first with midog_jax.main)")
+
+
+def load_pretrained(path: str | os.PathLike) -> dict:
+  """Foreign or earlier weights as a nested dict, never through pickle.
+
+  Accepts a ``.safetensors`` file (keys ``a/b/c``), a workdir, or an orbax
+  checkpoint step folder.
+  """
+  p = Path(path)
+  if p.suffix == ".safetensors":
+    from safetensors.numpy import load_file
+    if not p.exists():
+      raise DataError(p, "pretrained weights file not found")
+    try:
+      flat = load_file(str(p))
+    except Exception as e:  # safetensors raises several types for bad files
+      raise DataError(p, f"not a valid safetensors file ({e})") from None
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+  if (p / "checkpoints").exists():
+    variables, _ = load_for_inference(p, "latest")
+    return variables
+  if (p / "state").exists():
+    tree = ocp.StandardCheckpointer().restore((p / "state").absolute())
+    return {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+  raise DataError(p, "not a .safetensors file, a workdir or an orbax checkpoint")
+
+
+def merge_pretrained(variables: dict, pretrained: dict) -> tuple[dict, list[str], list[str]]:
+  """Copies every pretrained leaf whose path and shape match into ``variables``.
+
+  Returns the merged variables and the lists of loaded and skipped paths, so
+  the caller can report what was (not) initialised.
+  """
+  flat = traverse_util.flatten_dict(variables, sep="/")
+  src = traverse_util.flatten_dict(pretrained, sep="/")
+  loaded, skipped = [], []
+  for k, v in src.items():
+    if k in flat and tuple(flat[k].shape) == tuple(np.shape(v)):
+      flat[k] = jax.numpy.asarray(v, flat[k].dtype)
+      loaded.append(k)
+    else:
+      skipped.append(k)
+  return traverse_util.unflatten_dict(flat, sep="/"), loaded, skipped

@@ -1,0 +1,65 @@
+"""Device mesh and sharding helpers: ``jax.jit`` + ``NamedSharding`` only.
+
+One 1-D mesh over all devices of all processes, axis ``"data"``: batches are
+sharded on it, parameters and optimizer state are replicated. Multi-host
+runs call ``initialize_distributed`` first (``launch/`` scripts set the
+coordinator through the usual ``JAX_COORDINATOR_ADDRESS`` etc.).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def initialize_distributed() -> None:
+  """Starts JAX's multi-host runtime when the environment asks for it.
+
+  Reads ``MIDOG_COORDINATOR`` (host:port), ``MIDOG_NUM_PROCESSES`` and
+  ``MIDOG_PROCESS_ID``; on TPU pods and SLURM, ``jax.distributed.initialize()``
+  with no arguments finds them itself (``MIDOG_DISTRIBUTED=auto``).
+  """
+  if os.environ.get("MIDOG_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()
+  elif os.environ.get("MIDOG_COORDINATOR"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["MIDOG_COORDINATOR"],
+        num_processes=int(os.environ["MIDOG_NUM_PROCESSES"]),
+        process_id=int(os.environ["MIDOG_PROCESS_ID"]))
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-D ``data`` mesh over every device (Auto axis: jit propagates shardings)."""
+  return jax.make_mesh((jax.device_count(),), (DATA,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def data_sharding(mesh) -> NamedSharding:
+  """Leading (batch) axis split over ``data``."""
+  return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def replicate(tree: Any, mesh) -> Any:
+  """Places every leaf of ``tree`` on all devices of the mesh."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Assembles this process's slice of the batch into global arrays.
+
+  Each process passes its own ``batch_size / process_count`` examples; the
+  result is one array of the global batch, sharded over ``data``.
+  """
+  sharding = data_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}

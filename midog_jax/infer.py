@@ -1,0 +1,179 @@
+"""Whole-image inference: overlapping tiles through a jitted, sharded step.
+
+Any image size (7215x5412 and larger) is cut into ``tile_size`` tiles whose
+origins step by ``tile_size - overlap``, the last row/column flush with the
+far border. Tiles are read lazily (``slides.py``) one batch ahead of the
+device, batched to a FIXED ``tile_batch`` (the last batch padded, so one
+compiled program serves every image) and sharded over all devices on the
+``data`` axis. Each tile's detector returns points in tile coordinates.
+
+Merging across tile borders, in two steps that do not depend on the batch
+size or the device count:
+1. ownership: the overlap between neighbouring tiles is split at its middle,
+   and a detection is kept only by the tile that owns its position (so each
+   location is judged by the tile where it lies farthest from the border);
+2. distance suppression: detections closer than ``merge_radius`` to a
+   higher-scoring one are dropped (one figure seen by two tiles just either
+   side of an ownership line).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.spatial import cKDTree
+
+from midog_jax import parallel
+from midog_jax.data import slides as slides_lib
+from midog_jax.export import Detections
+
+# (tiles float32 (B, T, T, 3)) -> (points (B, K, 2) in tile px, scores (B, K),
+# classes (B, K), valid (B, K)); jitted by the caller's model code.
+TileFn = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
+
+
+def to_model_input(images_uint8: jax.Array) -> jax.Array:
+  """uint8 RGB -> float32 roughly zero-mean, unit-scale (train and infer alike)."""
+  return (images_uint8.astype(jnp.float32) / 255.0 - 0.5) / 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+  """How whole images are tiled."""
+
+  tile_size: int = 512
+  overlap: int = 64
+  tile_batch: int = 8
+  merge_radius: float = 25.0
+  score_thresh: float = 0.05
+
+  @classmethod
+  def from_config(cls, cfg) -> "TileConfig":
+    return cls(tile_size=cfg.tile_size, overlap=cfg.tile_overlap,
+               tile_batch=cfg.tile_batch, merge_radius=cfg.merge_radius_px,
+               score_thresh=cfg.score_thresh)
+
+
+def tile_origins(length: int, tile: int, overlap: int) -> np.ndarray:
+  """Tile starts along one axis; the last one flush with the far border.
+
+  An image shorter than a tile gets one tile at 0 (padded by the reader).
+  """
+  if overlap >= tile:
+    raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
+  if length <= tile:
+    return np.zeros(1, np.int64)
+  stride = tile - overlap
+  starts = list(range(0, length - tile, stride)) + [length - tile]
+  return np.asarray(sorted(set(starts)), np.int64)
+
+
+def _ownership_bounds(origins: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
+  """[lo, hi) owned by each tile: overlaps split at their middle."""
+  mids = (origins[1:] + origins[:-1] + tile) / 2.0
+  lo = np.concatenate([[-np.inf], mids])
+  hi = np.concatenate([mids, [np.inf]])
+  return lo, hi
+
+
+def suppress_by_distance(xy: np.ndarray, scores: np.ndarray, radius: float
+                         ) -> np.ndarray:
+  """Indices kept by greedy distance suppression (highest score first)."""
+  if len(xy) == 0 or radius <= 0:
+    return np.arange(len(xy))
+  order = np.lexsort((xy[:, 1], xy[:, 0], -scores))  # ties broken by position
+  tree = cKDTree(xy)
+  removed = np.zeros(len(xy), bool)
+  keep = []
+  for i in order:
+    if removed[i]:
+      continue
+    keep.append(i)
+    removed[tree.query_ball_point(xy[i], radius)] = True
+  return np.sort(np.asarray(keep, np.int64))
+
+
+class _Tiles:
+  """Tile grid of one image and a batched, read-ahead iterator over it."""
+
+  def __init__(self, read: Callable[[int, int, int, int], np.ndarray],
+               width: int, height: int, cfg: TileConfig):
+    self.read, self.cfg = read, cfg
+    self.xs = tile_origins(width, cfg.tile_size, cfg.overlap)
+    self.ys = tile_origins(height, cfg.tile_size, cfg.overlap)
+    self.grid = [(iy, ix) for iy in range(len(self.ys)) for ix in range(len(self.xs))]
+
+  def _load(self, start: int) -> np.ndarray:
+    t, b = self.cfg.tile_size, self.cfg.tile_batch
+    batch = np.full((b, t, t, 3), 255, np.uint8)  # padding tiles are blank
+    for k, (iy, ix) in enumerate(self.grid[start:start + b]):
+      batch[k] = self.read(int(self.xs[ix]), int(self.ys[iy]), t, t)
+    return batch
+
+  def batches(self) -> Iterator[tuple[int, np.ndarray]]:
+    starts = range(0, len(self.grid), self.cfg.tile_batch)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pending = None
+      for s in starts:
+        nxt = pool.submit(self._load, s)
+        if pending is not None:
+          yield pending[0], pending[1].result()
+        pending = (s, nxt)
+      if pending is not None:
+        yield pending[0], pending[1].result()
+
+
+def detect(source, tile_fn: TileFn, cfg: TileConfig, mesh=None) -> Detections:
+  """Detections on one whole image.
+
+  Args:
+    source: a ``slides.Slide``, a path, or an (H, W, 3) uint8 array.
+    tile_fn: jitted per-tile detector (see ``TileFn``); it receives uint8
+      tiles and does its own ``to_model_input``.
+    cfg: tiling settings.
+    mesh: device mesh (default: all local devices).
+  """
+  if isinstance(source, np.ndarray):
+    arr = source
+    h, w = arr.shape[:2]
+
+    def read(x, y, tw, th):
+      out = np.full((th, tw, 3), 255, np.uint8)
+      xs, ys = max(x, 0), max(y, 0)
+      xe, ye = min(x + tw, w), min(y + th, h)
+      out[ys - y:ye - y, xs - x:xe - x] = arr[ys:ye, xs:xe]
+      return out
+  else:
+    slide = source if isinstance(source, slides_lib.Slide) else slides_lib.Slide(source)
+    w, h, read = slide.width, slide.height, slide.read
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  n_dev = mesh.devices.size
+  if cfg.tile_batch % n_dev:
+    raise ValueError(f"tile_batch {cfg.tile_batch} must be a multiple of the "
+                     f"{n_dev} devices")
+  tiles = _Tiles(read, w, h, cfg)
+  lo_x, hi_x = _ownership_bounds(tiles.xs, cfg.tile_size)
+  lo_y, hi_y = _ownership_bounds(tiles.ys, cfg.tile_size)
+  sharding = parallel.data_sharding(mesh)
+  all_xy, all_s, all_c = [], [], []
+  for start, batch in tiles.batches():
+    pts, sc, cl, valid = jax.device_get(tile_fn(jax.device_put(batch, sharding)))
+    for k, (iy, ix) in enumerate(tiles.grid[start:start + cfg.tile_batch]):
+      v = valid[k] & (sc[k] >= cfg.score_thresh)
+      p = pts[k][v] + np.asarray([tiles.xs[ix], tiles.ys[iy]], np.float32)
+      own = ((p[:, 0] >= lo_x[ix]) & (p[:, 0] < hi_x[ix]) &
+             (p[:, 1] >= lo_y[iy]) & (p[:, 1] < hi_y[iy]) &
+             (p[:, 0] >= 0) & (p[:, 0] < w) & (p[:, 1] >= 0) & (p[:, 1] < h))
+      all_xy.append(p[own])
+      all_s.append(sc[k][v][own])
+      all_c.append(cl[k][v][own])
+  xy = np.concatenate(all_xy) if all_xy else np.zeros((0, 2), np.float32)
+  s = np.concatenate(all_s) if all_s else np.zeros((0,), np.float32)
+  c = np.concatenate(all_c) if all_c else np.zeros((0,), np.int32)
+  keep = suppress_by_distance(xy, s, cfg.merge_radius)
+  return Detections(xy[keep], s[keep], c[keep])

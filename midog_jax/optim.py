@@ -1,0 +1,67 @@
+"""Optimisers and learning-rate schedules from the seeds.
+
+* seed 000: Adam, constant learning rate 1e-4;
+* seed 001: SGD with momentum, cosine *cyclic* learning rate (cosine decay
+  restarted every ``cycle_steps``), weight decay.
+Frozen parameters (``trainable_backbone_layers``) get exactly zero updates
+and no optimizer state work through ``optax.multi_transform``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+
+def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+  """Learning rate per step for ``cfg.schedule``."""
+  lr = float(cfg.lr)
+  if cfg.schedule == "constant":
+    main = optax.constant_schedule(lr)
+  elif cfg.schedule == "cosine":
+    main = optax.cosine_decay_schedule(lr, max(1, total_steps - cfg.warmup_steps))
+  elif cfg.schedule == "cosine_cyclic":
+    cycle = max(1, int(cfg.cycle_steps))
+    main = lambda step: optax.cosine_decay_schedule(lr, cycle)(step % cycle)
+  else:
+    raise ValueError(f"unknown schedule {cfg.schedule!r} "
+                     "(constant | cosine | cosine_cyclic)")
+  if cfg.warmup_steps:
+    warm = optax.linear_schedule(0.0, lr, cfg.warmup_steps)
+    return optax.join_schedules([warm, main], [cfg.warmup_steps])
+  return main
+
+
+def make_optimizer(cfg, total_steps: int, trainable: Any | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optax transform and its schedule.
+
+  Args:
+    cfg: ``config.optimizer`` (name, lr, schedule, momentum, weight_decay,
+      grad_clip, ...).
+    total_steps: run length (for decaying schedules).
+    trainable: optional pytree of bools matching the params; False leaves
+      are frozen.
+  """
+  schedule = make_schedule(cfg, total_steps)
+  parts = []
+  if cfg.grad_clip:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+  if cfg.name == "adam":
+    if cfg.weight_decay:
+      parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    else:
+      parts.append(optax.adam(schedule))
+  elif cfg.name == "sgd":
+    if cfg.weight_decay:
+      parts.append(optax.add_decayed_weights(cfg.weight_decay))
+    parts.append(optax.sgd(schedule, momentum=cfg.momentum, nesterov=False))
+  else:
+    raise ValueError(f"unknown optimizer {cfg.name!r} (adam | sgd)")
+  tx = optax.chain(*parts)
+  if trainable is not None:
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule

@@ -1,0 +1,455 @@
+"""Patch augmentation in numpy (runs inside grain worker processes).
+
+Conventions, applied everywhere in this module:
+  * ``image`` is uint8 (H, W, 3); ``points`` is float32 (N, 2) of (x, y) =
+    (column, row). A point (x, y) refers to the pixel centre at column x, row
+    y; pixel i spans [i - 0.5, i + 0.5].
+  * Every geometric transform (and ``Augmenter``) takes ``(image, points,
+    ...)`` and returns ``(image, points, keep)``: each point is moved exactly
+    as its pixel moves, the moved points that left the output image are
+    dropped (``in_bounds``), and ``keep`` is the bool (N,) mask over the
+    INPUT points of those returned, so the caller filters parallel arrays
+    (e.g. classes) with ``classes[keep]``. ``compose_keep`` chains masks.
+  * Colour transforms take ``(image, rng, strength)`` and return the image;
+    points are untouched. ``strength`` 0 is the identity; 1 is a strong but
+    plausible stain/scanner change.
+  * ``rng`` is a ``np.random.Generator``; everything is a pure function of it.
+
+Seed 001's protocol: spatial shifting, flips (here the full D4 group of
+flips and 90-degree rotations), elastic deformation, and linear colour
+transforms in RGB space (CA-RGB) or optical-density space (CA-OD).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage as ndi
+
+COLOURS = ("none", "rgb", "od")
+
+
+def _check(image: np.ndarray, points: np.ndarray) -> np.ndarray:
+  if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} "
+                     f"{image.shape}")
+  return np.asarray(points, np.float32).reshape(-1, 2)
+
+
+Geometric = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def in_bounds(points: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """Keep mask: points whose pixel lies in an image of ``shape`` (H, W, ...).
+
+  That is x in [-0.5, W - 0.5) and y in [-0.5, H - 0.5).
+  """
+  p = np.asarray(points, np.float32).reshape(-1, 2)
+  h, w = shape[0], shape[1]
+  return ((p[:, 0] >= -0.5) & (p[:, 0] < w - 0.5)
+          & (p[:, 1] >= -0.5) & (p[:, 1] < h - 0.5))
+
+
+def compose_keep(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+  """Keep mask over the original points after two filtering steps."""
+  out = first.copy()
+  out[first] = second
+  return out
+
+
+def _result(out: np.ndarray, moved: np.ndarray) -> Geometric:
+  moved = np.asarray(moved, np.float32).reshape(-1, 2)
+  keep = in_bounds(moved, out.shape)
+  return out, moved[keep], keep
+
+
+# ---------------------------------------------------------------- geometry --
+
+
+def flip_lr(image: np.ndarray, points: np.ndarray
+            ) -> Geometric:
+  """Mirror left-right: column c goes to W - 1 - c."""
+  points = _check(image, points)
+  w = image.shape[1]
+  return _result(image[:, ::-1], np.stack([w - 1 - points[:, 0], points[:, 1]], 1))
+
+
+def flip_ud(image: np.ndarray, points: np.ndarray
+            ) -> Geometric:
+  """Mirror up-down: row r goes to H - 1 - r."""
+  points = _check(image, points)
+  h = image.shape[0]
+  return _result(image[::-1], np.stack([points[:, 0], h - 1 - points[:, 1]], 1))
+
+
+def rot90(image: np.ndarray, points: np.ndarray, k: int = 1) -> Geometric:
+  """``np.rot90(image, k)`` (counter-clockwise as displayed), points moved.
+
+  For k = 1, ``out[i, j] = in[j, W - 1 - i]``: the pixel at (x, y) moves to
+  (y, W - 1 - x) and the output is (W, H).
+  """
+  points = _check(image, points)
+  k %= 4
+  out = np.rot90(image, k, axes=(0, 1))
+  x, y = points[:, 0], points[:, 1]
+  h, w = image.shape[:2]
+  if k == 1:
+    x, y = y, w - 1 - x
+  elif k == 2:
+    x, y = w - 1 - x, h - 1 - y
+  elif k == 3:
+    x, y = h - 1 - y, x
+  return _result(out, np.stack([x, y], 1))
+
+
+def d4(image: np.ndarray, points: np.ndarray, index: int) -> Geometric:
+  """Element ``index`` (0..7) of the dihedral group: rot90(index % 4) after
+  an optional left-right flip (index >= 4). Index 0 is the identity."""
+  keep = np.ones(len(_check(image, points)), bool)
+  if index >= 4:
+    image, points, keep = flip_lr(image, points)
+  image, points, k2 = rot90(image, points, index % 4)
+  return image, points, compose_keep(keep, k2)
+
+
+def random_d4(image: np.ndarray, points: np.ndarray, rng: np.random.Generator
+              ) -> Geometric:
+  """One of the 8 flips/rotations, uniformly."""
+  return d4(image, points, int(rng.integers(8)))
+
+
+def crop(image: np.ndarray, points: np.ndarray, x0: int, y0: int, size: int,
+         fill: int = 255) -> Geometric:
+  """The ``size`` x ``size`` window with top-left pixel (x0, y0).
+
+  Parts of the window past the image border are filled with ``fill`` (white,
+  like empty glass); points move by (-x0, -y0).
+  """
+  points = _check(image, points)
+  h, w = image.shape[:2]
+  x0, y0, size = int(x0), int(y0), int(size)
+  out = np.full((size, size, 3), fill, np.uint8)
+  sx0, sy0 = max(x0, 0), max(y0, 0)
+  sx1, sy1 = min(x0 + size, w), min(y0 + size, h)
+  if sx1 > sx0 and sy1 > sy0:
+    out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+  return _result(out, points - np.asarray([x0, y0], np.float32))
+
+
+def random_shift(image: np.ndarray, points: np.ndarray,
+                 rng: np.random.Generator, max_shift: int) -> Geometric:
+  """A shift of up to ``max_shift`` px per axis, without border artefacts.
+
+  The input must carry a margin of ``max_shift`` px on every side (the
+  pipeline reads a patch ``2 * max_shift`` larger); the output is the
+  (H - 2 max_shift) x (W - 2 max_shift) window at a random offset, so a zero
+  shift is the centre crop.
+  """
+  points = _check(image, points)
+  h, w = image.shape[:2]
+  m = int(max_shift)
+  if m < 0 or h - 2 * m < 1 or w - 2 * m < 1:
+    raise ValueError(f"max_shift {max_shift} too large for a {h}x{w} input")
+  oy, ox = rng.integers(0, 2 * m + 1, 2)
+  out = image[oy:oy + h - 2 * m, ox:ox + w - 2 * m]
+  return _result(out, points - np.asarray([ox, oy], np.float32))
+
+
+def elastic_field(shape: tuple[int, int], rng: np.random.Generator,
+                  alpha: float, sigma: float) -> np.ndarray:
+  """Smooth random displacement field (2, H, W) as (dy, dx) in pixels.
+
+  Gaussian-filtered white noise (Simard et al. 2003), scaled so that each
+  component has standard deviation ``alpha`` px in expectation (unlike
+  Simard's form, ``alpha`` does not depend on ``sigma``). The field is made
+  on a grid ``sigma / 4`` px apart and upsampled linearly (as ``ndimage.zoom``
+  with order 1 would, but by a cheaper separable gather):
+  a Gaussian of width sigma is smooth on that scale, and the cost drops by
+  ~(sigma/4)^2 (a 512 px patch with sigma 16 filters a 129x129 grid). The map
+  stays one-to-one while ``alpha`` is well below ``sigma``: the gradient has
+  std alpha / (sigma sqrt 2) and peaks near 4x that over a 512 px patch, so
+  keep ``alpha <= sigma / 4``.
+  """
+  h, w = shape
+  step = max(1.0, sigma / 4.0)
+  gh, gw = int(np.ceil((h - 1) / step)) + 1, int(np.ceil((w - 1) / step)) + 1
+  s = sigma / step
+  noise = rng.standard_normal((2, max(gh, 2), max(gw, 2))).astype(np.float32)
+  field = ndi.gaussian_filter(noise, (0, s, s), mode="reflect")
+  # Std of filtered unit white noise = L2 norm of the (separable) kernel.
+  delta = np.zeros(int(8 * s) + 1, np.float32)
+  delta[len(delta) // 2] = 1
+  k = ndi.gaussian_filter1d(delta, s, mode="constant")
+  field *= alpha / float(np.sum(k ** 2))
+  # Separable linear upsampling by gathering the two neighbours per axis:
+  # ~10x cheaper than ndimage.zoom on the full-size output.
+  field = _upsample(field, h, axis=1)
+  return _upsample(field, w, axis=2)
+
+
+def _upsample(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+  """Linear resampling of ``axis`` to ``n_out`` samples, end points aligned
+  (``ndimage.zoom``'s ``grid_mode=False``)."""
+  n_in = a.shape[axis]
+  if n_in == n_out:
+    return a
+  pos = np.linspace(0, n_in - 1, n_out, dtype=np.float32)
+  lo = np.clip(np.floor(pos).astype(np.int64), 0, max(n_in - 2, 0))
+  hi = np.minimum(lo + 1, n_in - 1)
+  shape = [1] * a.ndim
+  shape[axis] = n_out
+  frac = (pos - lo).astype(a.dtype).reshape(shape)
+  return np.take(a, lo, axis) * (1 - frac) + np.take(a, hi, axis) * frac
+
+
+def warp(image: np.ndarray, points: np.ndarray, field: np.ndarray,
+         max_iter: int = 50, tol: float = 1e-3) -> Geometric:
+  """Backward warp ``out(p) = in(p + d(p))`` with the points moved along.
+
+  A point q of the input moves to the p with p + d(p) = q, found by the
+  fixed-point iteration p <- q - d(p) (d bilinearly interpolated) until it
+  moves less than ``tol`` px; it converges while |grad d| < 1 (the map is
+  one-to-one). The image is sampled bilinearly (``map_coordinates``, order
+  1), reflecting at the border.
+  """
+  points = _check(image, points)
+  h, w = image.shape[:2]
+  rows, cols = np.mgrid[0:h, 0:w].astype(np.float32)
+  coords = np.stack([rows + field[0], cols + field[1]])
+  out = np.empty(image.shape, np.float32)
+  for c in range(3):
+    ndi.map_coordinates(image[..., c], coords, output=out[..., c], order=1,
+                        mode="reflect")
+  out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+  q = points[:, ::-1].T.astype(np.float64)  # (2, N) as (row, col)
+  p = q.copy()
+  for _ in range(max_iter):
+    d = np.stack([ndi.map_coordinates(field[i], p, order=1, mode="nearest")
+                  for i in range(2)])
+    p, prev = q - d, p
+    # Each step shrinks the error by ~|grad d| (about 0.2 typical, < 1 max).
+    if not len(p.T) or np.abs(p - prev).max() < tol:
+      break
+  return _result(out, p[::-1].T)
+
+
+def elastic(image: np.ndarray, points: np.ndarray, rng: np.random.Generator,
+            alpha: float, sigma: float) -> Geometric:
+  """Elastic deformation: ``warp`` with an ``elastic_field(alpha, sigma)``.
+
+  ``alpha`` is the RMS displacement in px, ``sigma`` the smoothness in px;
+  the field is computed at ~sigma/4 resolution and upsampled, which
+  keeps a 512 px patch cheap. E.g. alpha 4, sigma 16 at 0.25 um/px.
+  """
+  _check(image, points)
+  return warp(image, points, elastic_field(image.shape[:2], rng, alpha, sigma))
+
+
+# ------------------------------------------------------------------ colour --
+
+# Ruifrok & Johnston's haematoxylin, eosin, DAB optical-density vectors.
+_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED /= np.linalg.norm(_HED, axis=1, keepdims=True)
+# OD of each uint8 value, -log((v + 1) / 256): finite at 0, exactly 0 at 255.
+_OD_LUT = -np.log((np.arange(256, dtype=np.float32) + 1) / 256)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  """Round and clip to uint8 (in place on ``x``, a float temporary)."""
+  np.clip(x, 0, 255, out=x)
+  x += 0.5  # truncation of a value in [0.5, 255.5] rounds it
+  return x.astype(np.uint8)
+
+
+def _channels_first(image: np.ndarray, lut: np.ndarray | None = None
+                    ) -> np.ndarray:
+  """(3, H*W) float32 of the pixels (optionally through a 256-entry LUT).
+
+  Channel-first because numpy's (N, 3) @ (3, 3) does not reach BLAS and is
+  ~10x slower than (3, 3) @ (3, N).
+  """
+  x = image.reshape(-1, 3).T
+  if lut is not None:
+    return lut[x]
+  return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _to_image(y: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  return np.ascontiguousarray(_to_uint8(y).T.reshape(shape))
+
+
+def _affine(x: np.ndarray, m: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Row-vector affine map ``pixel @ m + b`` of channel-first pixels."""
+  y = m.T.astype(np.float32) @ x
+  y += b.astype(np.float32)[:, None]
+  return y
+
+
+def rgb_colour(image: np.ndarray, rng: np.random.Generator,
+               strength: float = 1.0) -> np.ndarray:
+  """Seed 001's CA-RGB: a random linear map in RGB space.
+
+  Per-channel gain 1 +- 0.2 s, bias +- 0.08 s (of full range) and channel
+  mixing +- 0.05 s, with s = ``strength``; ``strength`` 0 is the identity.
+  """
+  if strength == 0:
+    return image.copy()
+  s = float(strength)
+  m = np.diag(1 + s * rng.uniform(-0.2, 0.2, 3))
+  mix = s * rng.uniform(-0.05, 0.05, (3, 3))
+  np.fill_diagonal(mix, 0)
+  b = s * rng.uniform(-0.08, 0.08, 3) * 255
+  return _to_image(_affine(_channels_first(image), m + mix, b), image.shape)
+
+
+def rgb_to_od(image: np.ndarray) -> np.ndarray:
+  """Optical density -log((I + 1) / 256), float32 (H, W, 3)."""
+  return _OD_LUT[image]
+
+
+def od_to_rgb(od: np.ndarray) -> np.ndarray:
+  """Inverse of ``rgb_to_od``, rounded to uint8."""
+  return _to_uint8(256 * np.exp(-od) - 1)  # -od: a new float temporary
+
+
+def od_colour(image: np.ndarray, rng: np.random.Generator,
+              strength: float = 1.0) -> np.ndarray:
+  """Seed 001's CA-OD: a random linear map in optical-density space.
+
+  The OD is unmixed into haematoxylin / eosin / residual concentrations
+  (Ruifrok's vectors), each stain scaled by 1 +- 0.2 s, shifted by +- 0.03 s
+  OD and mixed with the others by +- 0.05 s, and mixed back; all of it is
+  one 3x3 map plus bias in OD space. Scaling a stain changes how dark it is
+  while white stays white (OD 0), which is how stain and scanner vary.
+  ``strength`` 0 is the identity.
+  """
+  if strength == 0:
+    return image.copy()
+  s = float(strength)
+  a = np.diag(1 + s * rng.uniform(-0.2, 0.2, 3))
+  mix = s * rng.uniform(-0.05, 0.05, (3, 3))
+  np.fill_diagonal(mix, 0)
+  bias = s * rng.uniform(-0.03, 0.03, 3)
+  # od = c @ HED  =>  c = od @ inv(HED); c' = c @ (a + mix) + bias; od' = c' @ HED
+  m = np.linalg.inv(_HED) @ (a + mix) @ _HED
+  od = _affine(_channels_first(image, _OD_LUT), m, bias @ _HED)
+  np.negative(od, out=od)
+  np.exp(od, out=od)
+  od *= 256
+  od -= 1
+  return _to_image(od, image.shape)
+
+
+def bcs_jitter(image: np.ndarray, rng: np.random.Generator,
+               brightness: float = 0.0, contrast: float = 0.0,
+               saturation: float = 0.0) -> np.ndarray:
+  """Brightness (+- b of full range), contrast (x 1 +- c about the mean) and
+  saturation (x 1 +- s about the grey value) jitter; all 0 is the identity."""
+  if brightness == contrast == saturation == 0:
+    return image.copy()
+  x = image.astype(np.float32)
+  grey = x @ np.asarray([0.299, 0.587, 0.114], np.float32)
+  x = grey[..., None] + (x - grey[..., None]) * (1 + rng.uniform(-saturation, saturation))
+  mean = float(grey.mean())
+  x = mean + (x - mean) * (1 + rng.uniform(-contrast, contrast))
+  x += rng.uniform(-brightness, brightness) * 255
+  return _to_uint8(x)
+
+
+def gaussian_blur(image: np.ndarray, rng: np.random.Generator,
+                  max_sigma: float) -> np.ndarray:
+  """Gaussian blur with sigma uniform in [0, max_sigma] px (focus variation)."""
+  sigma = rng.uniform(0, max_sigma) if max_sigma > 0 else 0.0
+  if sigma < 0.1:
+    return image.copy()
+  out = ndi.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0))
+  return _to_uint8(out)
+
+
+def gaussian_noise(image: np.ndarray, rng: np.random.Generator,
+                   max_std: float) -> np.ndarray:
+  """Additive Gaussian noise, std uniform in [0, max_std] grey levels."""
+  if max_std <= 0:
+    return image.copy()
+  std = rng.uniform(0, max_std)
+  noise = rng.standard_normal(image.shape, dtype=np.float32) * std
+  return _to_uint8(image.astype(np.float32) + noise)
+
+
+# --------------------------------------------------------------- the chain --
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmenter:
+  """The augmentation chain of the training pipeline.
+
+  Order: elastic (on the whole input, so the reflected border lands in the
+  shift margin), shift crop, D4, colour, brightness/contrast/saturation,
+  blur, noise. Colour comes last so it runs on the smallest image.
+
+  Attributes:
+    d4: random flip/rotation from the 8-element dihedral group.
+    max_shift: the input carries this margin per side; the output is the
+      input cropped by it at a random offset (``random_shift``).
+    elastic: (alpha, sigma) in px, or None (see ``elastic``).
+    elastic_p: probability of applying the elastic deformation.
+    colour: "none", "rgb" (CA-RGB) or "od" (CA-OD).
+    strength: colour strength (0 = identity, 1 = strong).
+    brightness, contrast, saturation: ``bcs_jitter`` ranges (0 = off).
+    blur_sigma: maximum Gaussian blur sigma in px (0 = off).
+    noise_std: maximum Gaussian noise std in grey levels (0 = off).
+  """
+
+  d4: bool = True
+  max_shift: int = 0
+  elastic: tuple[float, float] | None = None
+  elastic_p: float = 1.0
+  colour: str = "none"
+  strength: float = 1.0
+  brightness: float = 0.0
+  contrast: float = 0.0
+  saturation: float = 0.0
+  blur_sigma: float = 0.0
+  noise_std: float = 0.0
+
+  def __post_init__(self):
+    if self.colour not in COLOURS:
+      raise ValueError(f"colour must be one of {COLOURS}, got {self.colour!r}")
+    if self.elastic is not None and len(self.elastic) != 2:
+      raise ValueError(f"elastic must be (alpha, sigma) or None, got {self.elastic!r}")
+    if self.max_shift < 0:
+      raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
+
+  def __call__(self, image: np.ndarray, points: np.ndarray,
+               rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Augments one patch.
+
+    Returns:
+      (image uint8 (H', W', 3) contiguous, the points float32 (K, 2) moved
+      with the pixels that are still inside, keep bool (N,): which input
+      points those are).
+    """
+    points = _check(image, points)
+    keep = np.ones(len(points), bool)
+    if self.elastic is not None and rng.random() < self.elastic_p:
+      image, points, k = elastic(image, points, rng, *self.elastic)
+      keep = compose_keep(keep, k)
+    if self.max_shift:
+      image, points, k = random_shift(image, points, rng, self.max_shift)
+      keep = compose_keep(keep, k)
+    if self.d4:
+      image, points, k = random_d4(image, points, rng)
+      keep = compose_keep(keep, k)
+    if self.colour == "rgb":
+      image = rgb_colour(image, rng, self.strength)
+    elif self.colour == "od":
+      image = od_colour(image, rng, self.strength)
+    if self.brightness or self.contrast or self.saturation:
+      image = bcs_jitter(image, rng, self.brightness, self.contrast, self.saturation)
+    if self.blur_sigma:
+      image = gaussian_blur(image, rng, self.blur_sigma)
+    if self.noise_std:
+      image = gaussian_noise(image, rng, self.noise_std)
+    return np.ascontiguousarray(image), points.astype(np.float32), keep

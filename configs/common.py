@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.num_workers = 0           # grain worker processes
+  c.debug_step_sleep = 0.0    # seconds slept per step (interruption tests only)
   c.data = data_config()
   c.optimizer = optimizer_config()
   c.eval = eval_config()
@@ -61,6 +62,7 @@ def data_config() -> ml_collections.ConfigDict:
   d.synthetic_dir = "data/synthetic_small"
   d.split = "train_val"       # "train_val" | "official" | "lodo:<domain>"
   d.val_fraction = 0.2
+  d.split_seed = 0            # fixed, so runs with other seeds share one split
   d.domain_key = ""           # "" = scanner (2021) / tumour type (MIDOG++)
   d.extra_truth = "auto"      # truth of the unlabeled domain ("auto": synthetic's file)
   d.patch_size = 512

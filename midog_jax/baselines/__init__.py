@@ -1,0 +1,1 @@
+"""Non-learned reference detectors (baselines the trained models must beat)."""

@@ -48,7 +48,7 @@ FG, BG, IGNORE = 1, 0, -1
 
 def default_sizes(levels: Sequence[int] = DEFAULT_LEVELS
                   ) -> tuple[tuple[int, ...], ...]:
-  """torchvision's anchor sizes: three octave scales of ``4 * 2**l`` per level."""
+  """torchvision's anchor sizes: three octave scales of ``4 * 2**l`` a level."""
   return tuple(tuple(int(4 * 2**l * 2**(k / 3)) for k in range(3))
                for l in levels)
 
@@ -137,7 +137,7 @@ def _xyxy_to_cxcywh(b):
 
 
 def encode(anchors: jax.Array, boxes: jax.Array) -> jax.Array:
-  """Regression targets ``(dx, dy, dw, dh)`` of ``boxes`` relative to ``anchors``.
+  """Regression targets ``(dx, dy, dw, dh)`` of ``boxes`` w.r.t. ``anchors``.
 
   torchvision ``BoxCoder(weights=(1, 1, 1, 1)).encode_single``; shapes
   broadcast, last axis 4.

@@ -150,7 +150,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Model, optimizer, state.
   mesh = parallel.make_mesh()
   method = methods.build(config)
-  variables = method.init_variables(jax.random.key(config.seed), config.data.patch_size)
+  # "rbg" keys: the default threefry makes XLA compile a ResNet's
+  # initialiser for tens of seconds on a CPU.
+  variables = method.init_variables(jax.random.key(config.seed, impl="rbg"),
+                                    config.data.patch_size)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
                                       method.trainable_mask(params))

@@ -9,6 +9,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One persistent XLA compilation cache for the test session (and the training
+# subprocesses it starts): the same tiny programs are compiled once, not in
+# every process. Set before anything imports jax.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 
 def shared_midog_dir() -> Path:
   """Folder with the real MIDOG annotation files (``../shared/data/midog``)."""

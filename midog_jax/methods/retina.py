@@ -33,7 +33,6 @@ class RetinaMethod:
       raise ValueError(f"model.imposters must be one of {IMPOSTER_MODES}")
     self.cfg = m
     self.num_classes = 2 if m.imposters == "class" else 1
-    backbone_kw = {}
     self.model = retina_lib.RetinaNet(
         backbone=m.backbone, num_classes=self.num_classes, levels=tuple(m.levels),
         num_anchors=anchors_lib.num_anchors_per_location(
@@ -41,12 +40,8 @@ class RetinaMethod:
         fpn_channels=m.fpn_channels, head_depth=m.head_depth,
         head_groups=m.head_groups, norm=m.norm,
         trainable_backbone_layers=m.trainable_backbone_layers,
-        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
-        **backbone_kw)
-    if m.backbone_width:
-      # RetinaNet builds its backbone by name; a width override for CPU-sized
-      # runs goes through the registry of named specs.
-      self.model = self.model.clone(backbone=_register_width(m.backbone, m.backbone_width))
+        backbone_width=m.backbone_width,
+        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)
 
   def _sizes(self):
     s = self.cfg.anchor_sizes
@@ -59,7 +54,8 @@ class RetinaMethod:
 
   def init_variables(self, rng: jax.Array, patch_size: int) -> dict:
     x = jnp.zeros((1, patch_size, patch_size, 3), jnp.uint8)
-    return dict(self.model.init(rng, x, train=False))
+    # Jitted: op-by-op initialisation of a ResNet takes minutes on a CPU.
+    return dict(jax.jit(lambda r: self.model.init(r, x, train=False))(rng))
 
   def trainable_mask(self, params) -> Any:
     return resnet_lib.trainable_mask(params, self.cfg.trainable_backbone_layers)
@@ -122,12 +118,3 @@ class RetinaMethod:
       return pts, scores, jnp.where(classes == 0, MITOSIS, IMPOSTER), valid
 
     return tile_fn
-
-
-def _register_width(arch: str, width: int) -> str:
-  """Registers ``<arch>_w<width>`` in the backbone specs and returns its name."""
-  name = f"{arch}_w{width}"
-  if name not in resnet_lib.SPECS:
-    block, stages, _ = resnet_lib.SPECS[arch]
-    resnet_lib.SPECS[name] = (block, stages, width)
-  return name

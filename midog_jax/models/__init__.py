@@ -9,7 +9,7 @@ import numpy as np
 
 
 def count_params(params: Any) -> int:
-  """Total number of scalars in a pytree of arrays (e.g. ``variables["params"]``)."""
+  """Number of scalars in a pytree of arrays (e.g. ``variables["params"]``)."""
   return int(sum(np.prod(np.shape(x), dtype=np.int64)
                  for x in jax.tree_util.tree_leaves(params)))
 

@@ -199,19 +199,20 @@ class ResNet(nn.Module):
 
 
 def resnet(arch: str, **kwargs) -> ResNet:
-  """A named backbone: resnet18/34/50/101 or resnet_tiny (BasicBlock x1, width 8).
+  """A named backbone: resnet18/34/50/101, or resnet_tiny (basic x1, width 8).
 
   ``kwargs`` go to `ResNet` (norm, trainable_layers, dtype, name, width...).
   """
   if arch not in SPECS:
-    raise ValueError(f"unknown backbone {arch!r}; expected one of {list(SPECS)}")
+    raise ValueError(
+        f"unknown backbone {arch!r}; expected one of {list(SPECS)}")
   block, stages, width = SPECS[arch]
   kwargs.setdefault("width", width)
   return ResNet(stage_sizes=stages, block=block, **kwargs)
 
 
 def trainable_groups(trainable_backbone_layers: int) -> tuple[str, ...]:
-  """The torchvision layer groups trained for a ``trainable_backbone_layers``."""
+  """torchvision's layer groups trained for ``trainable_backbone_layers``."""
   n = int(trainable_backbone_layers)
   if not 0 <= n <= 5:
     raise ValueError(f"trainable_backbone_layers must be in 0..5, got {n}")

@@ -3,8 +3,9 @@
 ResNet -> FPN (P3..P7 by default) -> shared classification and regression
 subnets. Output: ``(cls_logits (B, A_total, C), box_deltas (B, A_total, 4))``
 concatenated over levels in the order of `midog_jax.anchors.generate_anchors`
-(level, row, column, anchor). Losses and decoding live in
-`midog_jax.losses`; the model holds no data or loss code.
+(level, row, column, anchor). Box coding and matching live in
+`midog_jax.anchors`, losses in `midog_jax.losses`; `postprocess` (below)
+turns outputs into scored points. The model holds no data or loss code.
 
 Faithful to torchvision v2 where it matters for reproducing seed 000:
 * FPN: lateral 1x1 (+bias) on C_l, top-down nearest upsampling to the lateral's
@@ -89,7 +90,8 @@ class FPN(nn.Module):
         # P5 itself (not only its lateral) even when level 5 is not output.
         x = outs[5] if 5 in outs else conv(3, 1, "layer5")(inner)
       else:
-        raise ValueError(f"p6_input must be 'c5' or 'p5', got {self.p6_input!r}")
+        raise ValueError(
+            f"p6_input must be 'c5' or 'p5', got {self.p6_input!r}")
       for l in extra:
         x = conv(3, 2, f"p{l}")(x if l == 6 else nn.relu(x))
         outs[l] = x
@@ -97,7 +99,7 @@ class FPN(nn.Module):
 
 
 class Head(nn.Module):
-  """RetinaNet v2 subnet: ``depth`` x (conv3x3 + GroupNorm + ReLU) + predictor."""
+  """RetinaNet v2 subnet: ``depth`` x (conv3x3, GroupNorm, ReLU), predictor."""
 
   out_per_anchor: int
   num_anchors: int
@@ -130,6 +132,8 @@ class RetinaNet(nn.Module):
   Attributes:
     backbone: "resnet18" | "resnet34" | "resnet50" | "resnet101" |
       "resnet_tiny".
+    backbone_width: stem/layer1 width override (0: the named default; e.g.
+      16 for a CPU-sized ResNet-50 layout).
     num_classes: 1 (mitotic figure) or 2 (+ imposter); no background class.
     levels: pyramid levels, an ascending run starting in 2..5.
     num_anchors: anchors per location (`anchors.num_anchors_per_location`).
@@ -145,6 +149,7 @@ class RetinaNet(nn.Module):
   """
 
   backbone: str = "resnet50"
+  backbone_width: int = 0
   num_classes: int = 1
   levels: Sequence[int] = (3, 4, 5, 6, 7)
   num_anchors: int = 3
@@ -168,11 +173,13 @@ class RetinaNet(nn.Module):
       x = x.astype(jnp.float32) / 255.0
     if self.normalize_input:
       x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    width = {"width": self.backbone_width} if self.backbone_width else {}
     feats = resnet_lib.resnet(
-        self.backbone, norm=self.norm,
+        self.backbone, **width, norm=self.norm,
         trainable_layers=self.trainable_backbone_layers, dtype=self.dtype,
         name="backbone")(x, train=train)
-    pyramid = FPN(levels=anchors_lib.check_levels(self.levels), channels=self.fpn_channels,
+    pyramid = FPN(levels=anchors_lib.check_levels(self.levels),
+                  channels=self.fpn_channels,
                   p6_input=self.p6_input, dtype=self.dtype, name="fpn")(feats)
     head = lambda k, bias, name: Head(
         out_per_anchor=k, num_anchors=self.num_anchors,

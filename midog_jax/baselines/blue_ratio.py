@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import tifffile
 from scipy import ndimage
 
-from midog_jax import metrics
-from midog_jax.data import midog, stain
-from midog_jax.data.synthetic import TRUTH, load_truth
+from midog_jax import evaluate as eval_lib
+from midog_jax.data import midog, slides, stain
+from midog_jax.data.synthetic import TRUTH
 from midog_jax.errors import DataError
 
 MIN_AREA_PX = 2
@@ -51,65 +50,33 @@ def detect(rgb: np.ndarray, k_std: float = 3.0) -> np.ndarray:
   return cy_cx.reshape(-1, 2)[:, ::-1].copy()
 
 
-def read_rgb(path: Path) -> np.ndarray:
-  """Whole image as uint8 (H, W, 3); DataError for unreadable files."""
-  try:
-    img = tifffile.imread(path)
-  except FileNotFoundError:
-    raise DataError(path, "image file not found") from None
-  except Exception as e:  # tifffile raises several types for corrupt files
-    raise DataError(path, f"cannot read image ({e})") from None
-  if img.ndim != 3 or img.shape[-1] < 3:
-    raise DataError(path, f"expected an RGB image, got shape {img.shape}")
-  return np.ascontiguousarray(img[..., :3]).astype(np.uint8, copy=False)
-
-
-def spacing_um(path: Path, default: float) -> float:
-  """Microns per pixel from the TIFF resolution tags, else ``default``."""
-  try:
-    with tifffile.TiffFile(path) as t:
-      tags = t.pages[0].tags
-      unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 2
-      num, den = tags["XResolution"].value
-  except (KeyError, TypeError, ValueError):
-    return default
-  if not num or not den:
-    return default
-  per_unit = num / den
-  um_per_unit = {3: 1e4, 2: 25400.0}.get(int(unit))
-  return um_per_unit / per_unit if um_per_unit else default
-
-
 def evaluate(data: str | Path, truth: str | Path | None = "auto") -> dict:
-  """Runs the detector on every case it can score; returns the JSON dict."""
+  """Runs the detector on every case it can score; returns the JSON dict.
+
+  Pooled counts cover the labelled cases; the unlabeled domain (scored
+  against its truth file when present) appears in ``per_domain`` only.
+  """
   data = Path(data)
   ann = data / "MIDOG.json" if data.is_dir() else data
   ds = midog.load_midog(ann)
-  truth_pts: dict[int, np.ndarray] = {}
   if truth == "auto":
-    p = ann.parent / TRUTH
-    truth_pts = load_truth(p) if p.exists() else {}
-  elif truth not in (None, "none"):
-    truth_pts = load_truth(truth)
-  per_domain: dict[str, metrics.Counts] = {}
-  total = metrics.Counts()
-  for case in ds.cases:
-    if case.labeled:
-      gt, pooled_in = case.mitoses, True
-    elif case.image_id in truth_pts:
-      # The unlabeled domain is reported per domain only, never pooled:
-      # a method may not tune on it.
-      gt, pooled_in = truth_pts[case.image_id], False
-    else:
-      continue
-    sp = spacing_um(case.path, case.spacing_um)
-    pred = detect(read_rgb(case.path))
-    c, _ = metrics.match(gt * sp * 1e-3, pred * sp * 1e-3, metrics.RADIUS_MM)
-    per_domain[case.domain] = per_domain.get(case.domain, metrics.Counts()) + c
-    if pooled_in:
-      total = total + c
-  out = total.as_dict()
-  out["per_domain"] = {k: v.as_dict() for k, v in sorted(per_domain.items())}
+    truth = ann.parent / TRUTH if (ann.parent / TRUTH).exists() else None
+  heldout = []
+  if truth not in (None, "none"):
+    unl = {c.image_id for c in ds.unlabeled}
+    heldout = [c for c in midog.attach_truth(ds, truth).cases
+               if c.image_id in unl and c.labeled]
+  cases = eval_lib.with_image_spacing(ds.labeled + heldout)
+  preds = {}
+  for c in cases:
+    xy = detect(slides.Slide(c.path).read_all())
+    preds[c.image_id] = (xy, np.ones(len(xy), np.float32))
+  out = eval_lib.evaluate_points([c for c in cases if c.image_id not in
+                                  {h.image_id for h in heldout}], preds)
+  if heldout:
+    out["per_domain"].update(eval_lib.evaluate_points(
+        [c for c in cases if c.image_id in {h.image_id for h in heldout}],
+        preds)["per_domain"])
   return out
 
 

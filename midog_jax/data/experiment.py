@@ -46,8 +46,11 @@ def ensure_synthetic(directory: str | os.PathLike, preset: str, seed: int = 0) -
   d.mkdir(parents=True, exist_ok=True)
   with open(d / ".lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may start at once
-    if not (d / "synthetic.json").exists():
-      from midog_jax.data import synthetic
+    from midog_jax.data import synthetic
+    m = synthetic.read_manifest(d)
+    want = dict(preset=preset, seed=seed, generator_version=synthetic.GENERATOR_VERSION)
+    if m is None or any(m.get(k) != v for k, v in want.items()):
+      # Missing, incomplete, or made by another preset/seed/generator version.
       print(f"generating the synthetic '{preset}' dataset in {d} ...", flush=True)
       synthetic.generate(d, preset=preset, seed=seed)
   return d

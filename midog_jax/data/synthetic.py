@@ -79,7 +79,7 @@ from scipy.spatial import cKDTree
 from midog_jax.data import midog
 from midog_jax.errors import DataError
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 PRESETS = ("tiny", "small", "midog21")
 MANIFEST = "synthetic.json"
 TRUTH = "MIDOG_unlabeled_truth.json"
@@ -238,7 +238,7 @@ def plan_image(preset: str, seed: int, image_id: int, real: dict | None = None,
       x1, y1, x2, y2 = (float(v) * scale for v in a["bbox"])
       cx = min(max(int(round((x1 + x2) / 2)), 0), width - 1)
       cy = min(max(int(round((y1 + y2) / 2)), 0), height - 1)
-      box = a["bbox"] if scale == 1.0 else None
+      box = tuple(a["bbox"]) if scale == 1.0 else None
       figures.append(Figure(cx, cy, a["category_id"],
                             _kind(rng, a["category_id"]), box, a["id"]))
   elif not domain_of(image_id).labeled:
@@ -358,8 +358,10 @@ def _interp_points(fields: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarr
   gx = x.astype(np.float32) / _CELL + _PAD
   iy, ix = np.floor(gy).astype(np.int64), np.floor(gx).astype(np.int64)
   fy, fx = gy - iy, gx - ix
-  return (fields[:, iy, ix] * (1 - fy) * (1 - fx) + fields[:, iy + 1, ix] * fy * (1 - fx)
-          + fields[:, iy, ix + 1] * (1 - fy) * fx + fields[:, iy + 1, ix + 1] * fy * fx)
+  return (fields[:, iy, ix] * (1 - fy) * (1 - fx)
+          + fields[:, iy + 1, ix] * fy * (1 - fx)
+          + fields[:, iy, ix + 1] * (1 - fy) * fx
+          + fields[:, iy + 1, ix + 1] * fy * fx)
 
 
 def _tissue(f_tissue, lumen_thr):
@@ -488,7 +490,7 @@ def mitotic_figure(rng, sp: float, kind: str) -> np.ndarray:
   X, Y = _grid(11.0, sp)
   theta = rng.uniform(0, np.pi)
   perp = theta + np.pi / 2  # plate axis = theta; spindle axis = perp
-  peak = rng.uniform(2.0, 2.6)
+  peak = rng.uniform(1.6, 2.6)
   w = rng.uniform(0.22, 0.3)  # chromosome arm half-width (sigma, um)
   ct, st, cp, spp = math.cos(theta), math.sin(theta), math.cos(perp), math.sin(perp)
   if kind == "prophase":
@@ -544,7 +546,7 @@ def mitotic_figure(rng, sp: float, kind: str) -> np.ndarray:
   # Granular chromatin: dark clumps and threads over a darker body.
   tex = _texture(rng, X.shape, 0.3 / sp)
   dh = peak * chrom * (1 + 0.12 * tex)
-  emul = 1 - rng.uniform(0.75, 0.9) * halo
+  emul = 1 - rng.uniform(0.45, 0.9) * halo
   return _pack(np.maximum(dh, 0), emul)
 
 
@@ -636,10 +638,10 @@ def build_layout(plan: Plan) -> Layout:
   keep = nrng.uniform(0, 1, px.size) < keep_p
   if len(ctr):
     d, _ = cKDTree(ctr).query(np.stack([px, py], 1))
-    keep &= d > 11.0 / sp
+    keep &= d > 8.5 / sp
   px, py, e = px[keep], py[keep], e[keep]
   is_fib = nrng.uniform(0, 1, px.size) > e
-  is_dark = (~is_fib) & (nrng.uniform(0, 1, px.size) < 0.1)
+  is_dark = (~is_fib) & (nrng.uniform(0, 1, px.size) < 0.12)
 
   trng = _rng(plan.seed, plan.image_id, 4)
   n_t = 24
@@ -988,29 +990,6 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
     return json.loads(p.read_text())
   except (FileNotFoundError, json.JSONDecodeError):
     return None
-
-
-def load_truth(path: str | os.PathLike) -> dict[int, np.ndarray]:
-  """Mitotic-figure centres (N, 2) per image id from a truth file.
-
-  ``midog.load_midog`` refuses annotations on the unlabeled scanner's ids, so
-  the held-out truth file is read here (same format as MIDOG.json).
-  """
-  path = Path(path)
-  try:
-    data = json.loads(path.read_text())
-    out = {int(im["id"]): [] for im in data["images"]}
-    for a in data["annotations"]:
-      if a["category_id"] == midog.MITOSIS:
-        x1, y1, x2, y2 = (float(v) for v in a["bbox"])
-        out[int(a["image_id"])].append(((x1 + x2) / 2, (y1 + y2) / 2))
-  except FileNotFoundError:
-    raise DataError(path, "truth file not found") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(path, f"malformed JSON ({e})") from None
-  except (KeyError, TypeError, ValueError) as e:
-    raise DataError(path, f"malformed truth file ({e!r})") from None
-  return {k: np.asarray(v, np.float32).reshape(-1, 2) for k, v in out.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,383 @@
+"""Detections on new images with a trained workdir: challenge JSON (and more) per image.
+
+Usage::
+
+  python -m midog_jax.predict --workdir=runs/retina --images slides/ extra.tiff \\
+      --out predictions/ [--threshold T] [--spacing_um S] \\
+      [--formats json,geojson,csv] [--overlays] [--checkpoint best|latest]
+
+Writes ``OUT/<stem>.json`` (the MIDOG "Multiple points" format, millimetres)
+for every image, plus ``<stem>.geojson`` (QuPath, pixels), ``<stem>.csv`` and
+``<stem>.png`` (detections drawn on the image) when asked. Points are the
+detections scoring at least the threshold: the F1-best one found on the
+validation images during training (stored with the checkpoint) unless
+``--threshold`` is given. Millimetres use the pixel spacing from the TIFF
+resolution tags, or ``--spacing_um`` (which overrides the tags).
+
+Bad images (missing, corrupt, truncated, unsupported pixels, no known pixel
+spacing) are reported on stderr and skipped; the others are still written, and
+nothing is written for a failed image. Exit code 0: all images written;
+1: some failed; 2: usage or workdir errors.
+
+The model half (:class:`Predictor`, one per workdir, and :func:`detect_image`,
+one ``Detections`` per image per workdir) is kept apart from the output half
+so that an ensemble of workdirs can combine its members' detections before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from midog_jax import export
+from midog_jax.data import slides as slides_lib
+from midog_jax.errors import DataError
+
+FORMATS = ("json", "geojson", "csv")
+TIFF_SUFFIXES = (".tif", ".tiff")
+CHECKPOINTS = ("best", "latest")
+
+
+# ----------------------------------------------------------------------------
+# The model half: one Predictor per workdir.
+
+
+@dataclasses.dataclass
+class Predictor:
+  """A trained workdir ready for inference.
+
+  Attributes:
+    workdir: the training workdir.
+    config: its config (``config.json``).
+    threshold: score a detection needs to be written (the checkpoint's
+      F1-best threshold unless overridden).
+    tile_cfg: whole-image tiling settings.
+    tile_fn: the jitted per-tile detector.
+    mesh: device mesh the tiles are sharded over.
+  """
+
+  workdir: Path
+  config: object
+  threshold: float
+  tile_cfg: object
+  tile_fn: Callable
+  mesh: object
+
+  def detect(self, slide: slides_lib.Slide) -> export.Detections:
+    """Detections on one image scoring at least ``self.threshold`` (pixels)."""
+    from midog_jax import infer  # pylint: disable=g-import-not-at-top
+    dets = infer.detect(slide, self.tile_fn, self.tile_cfg, self.mesh)
+    keep = dets.scores >= self.threshold  # ">=" as in the training sweep
+    return export.Detections(dets.xy[keep], dets.scores[keep], dets.classes[keep])
+
+
+def load_config(workdir: str | os.PathLike, meta: dict | None = None):
+  """The workdir's ``config.json`` as a ConfigDict (else the checkpoint's copy).
+
+  JSON has no tuples; the method code converts every sequence it uses with
+  ``tuple(...)``, so lists from JSON build the same model.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = Path(workdir) / "config.json"
+  if path.exists():
+    try:
+      with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise DataError(path, f"malformed config JSON ({e})") from None
+  if meta and isinstance(meta.get("config"), dict):
+    return ml_collections.ConfigDict(meta["config"])
+  raise DataError(path, "no config.json in the workdir (train first with "
+                  "midog_jax.main)")
+
+
+def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
+                   checkpoint: str = "best") -> Predictor:
+  """Builds the method of ``workdir`` and loads its weights and threshold.
+
+  Args:
+    workdir: a training workdir (``config.json`` + ``checkpoints/``).
+    threshold: output threshold; None takes the F1-best threshold stored in
+      the checkpoint meta.
+    checkpoint: "best" (falls back to "latest" when no best exists) or
+      "latest".
+
+  Raises:
+    DataError: no workdir, no checkpoint, or no config.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from midog_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from midog_jax import infer, methods, parallel  # pylint: disable=g-import-not-at-top
+
+  if not os.fspath(workdir):  # Path("") would silently mean the current folder
+    raise DataError(None, "empty --workdir")
+  workdir = Path(workdir)
+  if checkpoint not in CHECKPOINTS:
+    raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
+  if not workdir.is_dir():
+    raise DataError(workdir, "workdir not found")
+  # Fail on a missing checkpoint before any model is built (that takes a while).
+  ckdir = workdir / "checkpoints"
+  if not any((ckdir / n).is_dir() and any(p.name.isdigit() for p in (ckdir / n).iterdir())
+             for n in CHECKPOINTS):
+    raise DataError(ckdir, "no checkpoint found (train first with midog_jax.main)")
+  variables, meta = ckpt_lib.load_for_inference(workdir, checkpoint)
+  config = load_config(workdir, meta)
+  if threshold is None:
+    if "threshold" not in meta:
+      raise DataError(ckdir, "checkpoint meta has no threshold; pass --threshold")
+    threshold = float(meta["threshold"])
+  if not math.isfinite(threshold):
+    raise ValueError(f"threshold must be finite, got {threshold}")
+  method = methods.build(config)
+  mesh = parallel.make_mesh()
+  tile_cfg = infer.TileConfig.from_config(config.eval)
+  # Candidates below the output threshold would be dropped anyway; a threshold
+  # under the training-time candidate cut-off must lower it, or "--threshold 0"
+  # would silently still mean eval.score_thresh.
+  score_thresh = min(tile_cfg.score_thresh, threshold)
+  # The tile batch is sharded over every device, so it must divide evenly.
+  n_dev = mesh.devices.size
+  tile_batch = -(-tile_cfg.tile_batch // n_dev) * n_dev
+  tile_cfg = dataclasses.replace(tile_cfg, score_thresh=score_thresh,
+                                 tile_batch=tile_batch)
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+  tile_fn = method.make_tile_fn(variables, tile_cfg.tile_size, score_thresh,
+                                tile_cfg.merge_radius)
+  return Predictor(workdir=workdir, config=config, threshold=threshold,
+                   tile_cfg=tile_cfg, tile_fn=tile_fn, mesh=mesh)
+
+
+def detect_image(predictors: Sequence[Predictor], slide: slides_lib.Slide
+                 ) -> list[export.Detections]:
+  """One ``Detections`` per predictor (workdir) for one image.
+
+  The hook for ensembles: combine the list (e.g. by agreement) before output.
+  """
+  return [p.detect(slide) for p in predictors]
+
+
+def combine(per_model: Sequence[export.Detections]) -> export.Detections:
+  """The detections to write from the members' detections of one image."""
+  if len(per_model) != 1:
+    # An ensemble needs an agreement rule (which points, which score); that is
+    # a separate design decision, not a default to fall into silently.
+    raise NotImplementedError("ensembles of several workdirs are not supported yet")
+  return per_model[0]
+
+
+# ----------------------------------------------------------------------------
+# Inputs and outputs.
+
+
+def expand_images(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str | None]]:
+  """Files as given, folders as their ``*.tif``/``*.tiff`` files (sorted).
+
+  Returns ``(path, problem)`` pairs; ``problem`` is None for paths to try and a
+  message for inputs already known to be bad (a folder without TIFFs). Files
+  are kept even when missing, so they are reported as images.
+  """
+  out = []
+  for p in map(Path, paths):
+    if p.is_dir():
+      found = sorted(f for f in p.iterdir()
+                     if f.suffix.lower() in TIFF_SUFFIXES and f.is_file())
+      if not found:
+        out.append((p, "folder holds no .tif/.tiff files"))
+      out.extend((f, None) for f in found)
+    else:
+      out.append((p, None))
+  return out
+
+
+def output_paths(out: Path, stem: str, formats: Sequence[str], overlays: bool
+                 ) -> dict[str, Path]:
+  """Output files of one image by kind."""
+  suffix = dict(json=".json", geojson=".geojson", csv=".csv", png=".png")
+  kinds = list(formats) + (["png"] if overlays else [])
+  return {k: out / f"{stem}{suffix[k]}" for k in kinds}
+
+
+def write_outputs(dets: export.Detections, spacing_um: float, paths: dict[str, Path],
+                  slide: slides_lib.Slide | None = None) -> None:
+  """Writes every requested output of one image; all or none of them.
+
+  Each file is written atomically; if a later one fails, the earlier ones of
+  this image are removed again so a failed image leaves nothing behind.
+  """
+  done = []
+  try:
+    for kind, path in paths.items():
+      if kind == "json":
+        export.write_json_atomic(export.to_challenge_json(dets, spacing_um), path)
+      elif kind == "geojson":
+        export.write_json_atomic(export.to_geojson(dets), path)
+      elif kind == "csv":
+        export.to_csv(dets, path, spacing_um)
+      elif kind == "png":
+        # No truth on new images: every mitotic detection is drawn (in the
+        # "unmatched" colour); the circle is the 7.5 um matching radius.
+        none = np.zeros((0, 2), np.float32)
+        export.overlay_png(slide.read_all(), dets, none, none, path,
+                           match_radius_px=7.5 / spacing_um)
+      else:
+        raise ValueError(f"unknown output kind {kind!r}")
+      done.append(path)
+  except BaseException:
+    for path in done:
+      with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    raise
+
+
+def _spacing(slide: slides_lib.Slide, override: float | None) -> float:
+  if override is not None:
+    return float(override)
+  if slide.spacing_um is None:
+    raise DataError(slide.path, "no pixel spacing: the TIFF has no usable "
+                    "resolution tags; pass --spacing_um (microns per pixel)")
+  return float(slide.spacing_um)
+
+
+# ----------------------------------------------------------------------------
+# Library entry point.
+
+
+def predict_images(workdir: str | os.PathLike, images: Sequence[str | os.PathLike],
+                   out: str | os.PathLike, threshold: float | None = None,
+                   spacing_um: float | None = None,
+                   formats: Sequence[str] = ("json",), overlays: bool = False, *,
+                   checkpoint: str = "best", verbose: bool = True) -> dict[str, dict]:
+  """Detects mitotic figures on ``images`` and writes one output set per image.
+
+  Args:
+    workdir: trained workdir.
+    images: TIFF files and/or folders (every ``*.tif``/``*.tiff`` inside).
+    out: output folder (created).
+    threshold: output threshold (default: the checkpoint's F1-best one).
+    spacing_um: microns per pixel for all images (overrides the TIFF tags).
+    formats: subset of ("json", "geojson", "csv").
+    overlays: also write ``<stem>.png`` with the detections drawn.
+    checkpoint: "best" (else latest) or "latest".
+    verbose: print one line per image (stdout) and each error (stderr).
+
+  Returns:
+    Per stem: ``{"n": detections, "path": json-or-first-output path,
+    "seconds": s}`` for written images, ``{"error": message}`` for failed ones.
+
+  Raises:
+    DataError: the workdir cannot be used (nothing is written then).
+    ValueError: bad arguments (unknown format, non-positive spacing).
+  """
+  formats = tuple(formats)
+  bad = [f for f in formats if f not in FORMATS]
+  if bad or not (formats or overlays):
+    raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
+  if spacing_um is not None and not (spacing_um > 0 and math.isfinite(spacing_um)):
+    raise ValueError(f"spacing_um must be a positive number, got {spacing_um}")
+  predictors = [load_predictor(workdir, threshold, checkpoint)]
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  if verbose:
+    thresholds = ", ".join(f"{p.workdir}: threshold {p.threshold:.4f}" for p in predictors)
+    print(f"predicting with {thresholds}", flush=True)
+
+  results: dict[str, dict] = {}
+  sources: dict[str, Path] = {}
+  for path, problem in expand_images(images):
+    stem = path.stem if path.suffix.lower() in TIFF_SUFFIXES else path.name
+    t0 = time.perf_counter()
+    try:
+      if problem is not None:
+        raise DataError(path, problem)
+      if stem in sources:
+        raise DataError(path, f"output name {stem!r} is already used by "
+                        f"{sources[stem]}; rename one of them")
+      with slides_lib.Slide(path) as slide:
+        spacing = _spacing(slide, spacing_um)
+        dets = combine(detect_image(predictors, slide))
+        paths = output_paths(out, stem, formats, overlays)
+        write_outputs(dets, spacing, paths, slide)
+      sources[stem] = path
+    except (DataError, OSError) as e:
+      msg = str(e) if isinstance(e, DataError) else f"{path}: {e}"
+      key = stem if stem not in results else str(path)
+      results[key] = {"error": msg}
+      if verbose:
+        print(f"error: {msg} (skipped)", file=sys.stderr, flush=True)
+      continue
+    secs = time.perf_counter() - t0
+    results[stem] = {"n": len(dets), "path": str(next(iter(paths.values()))),
+                     "seconds": secs}
+    if verbose:
+      print(f"{stem}: {len(dets)} detections ({secs:.2f} s)", flush=True)
+  return results
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m midog_jax.predict",
+      description="Mitotic-figure detections on TIFF images with a trained workdir.")
+  p.add_argument("--workdir", required=True, help="training workdir")
+  p.add_argument("--images", required=True, nargs="+",
+                 help="TIFF files and/or folders of *.tif/*.tiff")
+  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--threshold", type=float, default=None,
+                 help="score threshold (default: the checkpoint's F1-best one)")
+  p.add_argument("--spacing_um", "--spacing-um", type=float, default=None,
+                 help="microns per pixel (overrides the TIFF resolution tags)")
+  p.add_argument("--formats", default="json",
+                 help=f"comma-separated subset of {','.join(FORMATS)} (default json)")
+  p.add_argument("--overlays", action="store_true",
+                 help="also write <stem>.png with the detections drawn")
+  p.add_argument("--checkpoint", default="best", choices=CHECKPOINTS,
+                 help="best (falls back to latest) or latest")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI; returns 0 (all written), 1 (some images failed) or 2 (usage/workdir)."""
+  parser = _parser()
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
+    return int(e.code or 0)
+  formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+  # Orbax warns on every read-only restore; those lines would bury ours.
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  t0 = time.perf_counter()
+  try:
+    results = predict_images(args.workdir, args.images, args.out,
+                             threshold=args.threshold, spacing_um=args.spacing_um,
+                             formats=formats, overlays=args.overlays,
+                             checkpoint=args.checkpoint)
+  except (DataError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  failed = sum("error" in r for r in results.values())
+  n_dets = sum(r.get("n", 0) for r in results.values())
+  print(f"done: {len(results) - failed} of {len(results)} images written to "
+        f"{args.out} ({n_dets} detections, {failed} failed, "
+        f"{time.perf_counter() - t0:.1f} s)", flush=True)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,194 @@
+"""The predict CLI on a really trained (3-step) tiny workdir and real TIFF files.
+
+One workdir is trained per module through ``python -m midog_jax.main``; the
+end-to-end cases run ``python -m midog_jax.predict`` as a subprocess, the rest
+call ``predict_images`` / ``main`` in-process.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from midog_jax import checkpoint as ckpt_lib
+from midog_jax import predict
+from midog_jax.data import slides as slides_lib
+
+REPO = Path(__file__).resolve().parents[1]
+# One worker runs the whole module, so the workdir is trained once.
+pytestmark = pytest.mark.xdist_group("predict")
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_dataset, tmp_path_factory) -> Path:
+  w = tmp_path_factory.mktemp("predict") / "work"
+  cmd = [sys.executable, "-m", "midog_jax.main", "--config=configs/retina.py:tiny",
+         f"--workdir={w}", f"--config.data.root={tiny_dataset}",
+         "--config.total_steps=3", "--config.checkpoint_every=3",
+         "--config.eval_every=1000"]
+  r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, f"training failed:\n{r.stderr[-4000:]}"
+  return w
+
+
+@pytest.fixture(scope="module")
+def images(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
+  """Two good tiled JPEG TIFFs in a folder, and the first one again without tags."""
+  d = tmp_path_factory.mktemp("images")
+  good = d / "good"
+  good.mkdir()
+  for name in ("001.tiff", "051.tiff"):
+    shutil.copy(tiny_dataset / name, good / name)
+  # Same pixels, no resolution tags (tifffile writes unit NONE by default).
+  notags = d / "notags.tif"
+  tifffile.imwrite(notags, slides_lib.Slide(good / "001.tiff").read_all(),
+                   photometric="rgb")
+  return dict(folder=good, first=good / "001.tiff", notags=notags)
+
+
+def _points(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  obj = json.loads(path.read_text())
+  assert obj["type"] == "Multiple points"
+  assert obj["version"] == {"major": 1, "minor": 0}
+  pts = obj["points"]
+  for p in pts:
+    assert set(p) == {"point", "probability", "name"}
+    assert len(p["point"]) == 3 and p["point"][2] == 0
+    assert p["name"] in ("mitotic figure", "non-mitotic figure")
+  xyz = np.asarray([p["point"] for p in pts], np.float64).reshape(-1, 3)
+  return xyz[:, :2], np.asarray([p["probability"] for p in pts]), [p["name"] for p in pts]
+
+
+def _csv_px(path: Path) -> np.ndarray:
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  return np.asarray([[float(r["x_px"]), float(r["y_px"])] for r in rows]).reshape(-1, 2)
+
+
+def test_cli_writes_challenge_json_and_skips_bad_images(workdir, images, tmp_path):
+  corrupt = tmp_path / "x.tiff"
+  corrupt.write_bytes(np.random.default_rng(0).bytes(5000))
+  # A cut copy of a good image: its tiles past the cut cannot be read.
+  data = images["first"].read_bytes()
+  cut = tmp_path / "cut.tiff"
+  cut.write_bytes(data[:len(data) * 2 // 3])
+  missing = tmp_path / "missing.tiff"
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "midog_jax.predict", f"--workdir={workdir}",
+         "--images", str(images["folder"]), str(corrupt), str(missing), str(cut),
+         "--out", str(out), "--threshold", "0", "--formats", "json,geojson,csv"]
+  r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert f"{corrupt}: not a readable TIFF" in r.stderr
+  assert f"{missing}: image file not found" in r.stderr
+  assert f"{cut}:" in r.stderr and "truncated" in r.stderr
+  # Exactly the good images' outputs, nothing for the bad ones, no temp files.
+  assert sorted(p.name for p in out.iterdir()) == [
+      "001.csv", "001.geojson", "001.json", "051.csv", "051.geojson", "051.json"]
+  lines = r.stdout.strip().splitlines()
+  assert any(l.startswith("001: ") and "detections" in l for l in lines)
+  assert any(l.startswith("051: ") and "detections" in l for l in lines)
+  assert lines[-1].startswith("done: 2 of 5 images written")
+
+  for stem in ("001", "051"):
+    spacing = slides_lib.Slide(images["folder"] / f"{stem}.tiff").spacing_um
+    assert spacing is not None and 0.2 < spacing < 0.3
+    mm, probs, _ = _points(out / f"{stem}.json")
+    assert len(mm) > 0  # threshold 0 keeps every candidate
+    assert (probs >= 0).all() and (probs <= 1).all()
+    px = _csv_px(out / f"{stem}.csv")
+    np.testing.assert_allclose(mm, px * spacing / 1000.0, rtol=1e-12, atol=1e-12)
+    geo = json.loads((out / f"{stem}.geojson").read_text())
+    gxy = np.asarray([f["geometry"]["coordinates"] for f in geo["features"]])
+    np.testing.assert_array_equal(gxy, px)
+    w, h = slides_lib.Slide(images["folder"] / f"{stem}.tiff").shape[1::-1]
+    assert (px >= 0).all() and (px[:, 0] < w).all() and (px[:, 1] < h).all()
+
+
+def test_spacing_override_and_missing_tags(workdir, images, tmp_path, capsys):
+  out = tmp_path / "tags"
+  res = predict.predict_images(workdir, [images["first"], images["notags"]], out,
+                               threshold=0.0, formats=("json", "csv"))
+  err = capsys.readouterr().err
+  assert res["001"]["n"] > 0
+  assert "error" in res["notags"] and "no pixel spacing" in res["notags"]["error"]
+  assert f"{images['notags']}: no pixel spacing" in err and "--spacing_um" in err
+  assert not list(out.glob("notags*"))
+
+  over = tmp_path / "override"
+  res2 = predict.predict_images(workdir, [images["first"], images["notags"]], over,
+                                threshold=0.0, spacing_um=0.5, formats=("json", "csv"))
+  assert res2["notags"]["n"] == res2["001"]["n"] == res["001"]["n"]
+  tag_mm, _, _ = _points(out / "001.json")
+  px = _csv_px(out / "001.csv")
+  for stem in ("001", "notags"):
+    # Same pixels (the untagged copy holds the same image): same detections,
+    # millimetres from the override, not from the tags.
+    mm, _, _ = _points(over / f"{stem}.json")
+    np.testing.assert_allclose(_csv_px(over / f"{stem}.csv"), px, atol=1e-3)
+    np.testing.assert_allclose(mm, _csv_px(over / f"{stem}.csv") * 0.5 / 1000.0,
+                               rtol=1e-12)
+  spacing = slides_lib.Slide(images["first"]).spacing_um
+  np.testing.assert_allclose(_points(over / "001.json")[0], tag_mm * 0.5 / spacing,
+                             rtol=1e-9)
+
+
+def test_default_threshold_comes_from_the_checkpoint(workdir, images, tmp_path):
+  _, meta = ckpt_lib.load_for_inference(workdir, "best")
+  t = float(meta["threshold"])
+  res = predict.predict_images(workdir, [images["first"]], tmp_path / "a",
+                               verbose=False)
+  _, probs, _ = _points(tmp_path / "a" / "001.json")
+  assert len(probs) == res["001"]["n"]
+  assert (probs >= t).all()
+  # The same as asking for that threshold explicitly.
+  predict.predict_images(workdir, [images["first"]], tmp_path / "b", threshold=t,
+                         verbose=False)
+  assert (tmp_path / "a" / "001.json").read_text() == (tmp_path / "b" / "001.json").read_text()
+
+  res = predict.predict_images(workdir, [images["first"]], tmp_path / "c",
+                               threshold=1.01, verbose=False)
+  assert res["001"]["n"] == 0
+  assert _points(tmp_path / "c" / "001.json")[0].shape == (0, 2)
+
+
+def test_usage_and_workdir_errors_exit_2(workdir, images, tmp_path, capsys):
+  empty = tmp_path / "empty_workdir"
+  empty.mkdir()
+  shutil.copy(workdir / "config.json", empty / "config.json")
+  args = ["--images", str(images["first"]), "--out", str(tmp_path / "o")]
+  assert predict.main([f"--workdir={empty}", *args]) == 2
+  assert "no checkpoint found" in capsys.readouterr().err
+  assert predict.main([f"--workdir={tmp_path / 'nope'}", *args]) == 2
+  assert "workdir not found" in capsys.readouterr().err
+  assert predict.main([f"--workdir={workdir}", *args, "--formats", "json,xml"]) == 2
+  assert "formats" in capsys.readouterr().err
+  assert predict.main([f"--workdir={workdir}", "--out", str(tmp_path / "o")]) == 2
+  assert not (tmp_path / "o").exists()
+
+
+def test_config_json_rebuilds_the_method(workdir):
+  config = predict.load_config(workdir)
+  # JSON turned the tuples into lists; the model must still be the trained one.
+  assert isinstance(config.model.levels, (list, tuple))
+  p = predict.load_predictor(workdir, threshold=0.3, checkpoint="latest")
+  assert p.threshold == 0.3 and p.tile_cfg.tile_size == config.eval.tile_size
+  assert p.tile_cfg.score_thresh == min(config.eval.score_thresh, 0.3)

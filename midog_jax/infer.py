@@ -136,7 +136,7 @@ def detect(source, tile_fn: TileFn, cfg: TileConfig, mesh=None) -> Detections:
     tile_fn: jitted per-tile detector (see ``TileFn``); it receives uint8
       tiles and does its own ``to_model_input``.
     cfg: tiling settings.
-    mesh: device mesh (default: all local devices).
+    mesh: device mesh (default: this process's devices, ``local_mesh``).
   """
   if isinstance(source, np.ndarray):
     arr = source
@@ -151,7 +151,7 @@ def detect(source, tile_fn: TileFn, cfg: TileConfig, mesh=None) -> Detections:
   else:
     slide = source if isinstance(source, slides_lib.Slide) else slides_lib.Slide(source)
     w, h, read = slide.width, slide.height, slide.read
-  mesh = mesh if mesh is not None else parallel.make_mesh()
+  mesh = mesh if mesh is not None else parallel.local_mesh()
   n_dev = mesh.devices.size
   if cfg.tile_batch % n_dev:
     raise ValueError(f"tile_batch {cfg.tile_batch} must be a multiple of the "

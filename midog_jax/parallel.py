@@ -40,6 +40,23 @@ def make_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def local_mesh() -> jax.sharding.Mesh:
+  """A ``data`` mesh over this process's devices only.
+
+  Whole-image inference runs per process (each host can score its own
+  images); a global mesh would make every process take part in every call.
+  """
+  devices = np.asarray(jax.local_devices())
+  return jax.sharding.Mesh(devices, (DATA,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def to_host(tree: Any) -> Any:
+  """numpy copy of a tree of replicated (possibly multi-host) arrays."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))
+                      if isinstance(x, jax.Array) else x, tree)
+
+
 def data_sharding(mesh) -> NamedSharding:
   """Leading (batch) axis split over ``data``."""
   return NamedSharding(mesh, P(DATA))

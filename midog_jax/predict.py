@@ -143,7 +143,7 @@ def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
   if not math.isfinite(threshold):
     raise ValueError(f"threshold must be finite, got {threshold}")
   method = methods.build(config)
-  mesh = parallel.make_mesh()
+  mesh = parallel.local_mesh()
   tile_cfg = infer.TileConfig.from_config(config.eval)
   # Candidates below the output threshold would be dropped anyway; a threshold
   # under the training-time candidate cut-off must lower it, or "--threshold 0"

@@ -8,6 +8,7 @@ TensorBoard events and ``eval/``. Only process 0 writes logs and outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -58,9 +59,17 @@ def variables_of(state) -> dict:
   return v
 
 
-def detect_cases(method, variables, cases, config, mesh) -> dict[int, export.Detections]:
-  """Whole-image detections of each case (candidates above eval.score_thresh)."""
+def detect_cases(method, variables, cases, config) -> dict[int, export.Detections]:
+  """Whole-image detections of each case (candidates above eval.score_thresh).
+
+  Runs on this process's devices with a host copy of the weights, so every
+  process can call it on its own (see ``parallel.local_mesh``).
+  """
+  mesh = parallel.local_mesh()
+  variables = parallel.to_host(variables)
   tcfg = infer.TileConfig.from_config(config.eval)
+  tcfg = dataclasses.replace(tcfg, tile_batch=-(-tcfg.tile_batch // mesh.devices.size)
+                             * mesh.devices.size)
   tile_fn = method.make_tile_fn(variables, tcfg.tile_size, tcfg.score_thresh,
                                 tcfg.merge_radius)
   return {c.image_id: infer.detect(slides_lib.open_slide(c.path), tile_fn, tcfg, mesh)
@@ -72,11 +81,11 @@ def _as_preds(dets: dict[int, export.Detections]) -> dict:
           for k, d in dets.items()}
 
 
-def validate(method, state, cases, config, mesh) -> dict:
+def validate(method, state, cases, config) -> dict:
   """F1-best threshold on validation images and the scores it gives."""
   if config.eval.max_val_images:
     cases = cases[:config.eval.max_val_images]
-  dets = detect_cases(method, variables_of(state), cases, config, mesh)
+  dets = detect_cases(method, variables_of(state), cases, config)
   t, f1, curve = eval_lib.threshold_sweep(cases, _as_preds(dets))
   at = eval_lib.evaluate_points(cases, _as_preds(dets), threshold=t)
   return dict(threshold=float(t), f1=float(at["f1"]), precision=float(at["precision"]),
@@ -192,7 +201,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 for b in val_loss_ds]
       scalars["val_loss"] = float(np.mean([l["loss"] for l in losses]))
     if data.val:
-      v = validate(method, state, data.val, config, mesh)
+      # Every process validates (identically), so all agree on saving "best".
+      v = validate(method, state, data.val, config)
       scalars.update(val_f1=v["f1"], val_precision=v["precision"],
                      val_recall=v["recall"], val_threshold=v["threshold"])
       if v["f1"] > best["f1"]:
@@ -244,7 +254,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Final evaluation with the best weights and their threshold.
   results = {}
   if is_main:
-    results = final_evaluation(method, config, workdir, data, mesh, state, best)
+    results = final_evaluation(method, config, workdir, data, state, best)
     writer.scalars(config.total_steps, {f"test/{k}_f1": v["f1"] for k, v in results.items()})
     export.write_json_atomic(dict(results=results, train_seconds=train_seconds,
                                   best=best), workdir / "eval" / "summary.json")
@@ -253,7 +263,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def final_evaluation(method, config, workdir, data, mesh, state, best) -> dict:
+def final_evaluation(method, config, workdir, data, state, best) -> dict:
   """Scores every evaluation set with the best checkpoint and its threshold."""
   if (Path(workdir) / "checkpoints" / "best").exists() and best["f1"] >= 0:
     variables, meta = ckpt_lib.load_for_inference(workdir, "best")
@@ -262,13 +272,13 @@ def final_evaluation(method, config, workdir, data, mesh, state, best) -> dict:
     # No validation images: the final weights and the configured threshold.
     print("no validation images: evaluating the final weights at threshold "
           f"{best['threshold']}")
-    variables, threshold = variables_of(jax.device_get(state)), float(best["threshold"])
+    variables, threshold = variables_of(state), float(best["threshold"])
   sets = dict(val=data.val, **data.heldout)
   results = {}
   for name, cases in sets.items():
     if not cases:
       continue
-    dets = detect_cases(method, variables, cases, config, mesh)
+    dets = detect_cases(method, variables, cases, config)
     results[name] = write_eval(Path(workdir), name, cases, dets, threshold,
                                overlays=2 if config.eval.write_overlays else 0)
   print(format_table(results))

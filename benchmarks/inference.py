@@ -1,0 +1,200 @@
+"""Whole-image inference throughput against the machine's own matmul FLOP/s.
+
+Times ``infer.detect`` (lazy tile reads + the jitted, sharded detector + the
+cross-tile merge) on ONE full-size 7215x5412 synthetic image with the default
+seed-000 model (ResNet-50 RetinaNet, random init: timing does not depend on
+the weights) and prints one JSON object per measurement::
+
+  python benchmarks/inference.py [--data data/bench_midog21] [--tile_size 512]
+      [--tile_batch 8] [--backbone resnet50] [--repeats 1] [--quick]
+
+``--tile_size`` and ``--tile_batch`` take comma-separated lists (one line per
+combination). ``--quick`` uses the small ``quick`` model (a smoke run).
+
+FLOPs are XLA's own count (``cost_analysis()`` of the compiled per-batch
+program, divided by the batch), so they match what really runs (padding of
+the last batch excluded: ``tiles`` counts real tiles). The reference is a
+float32 N x N matmul timed in the same process (best of a few, before and
+after the image, the better of the two), with its FLOPs counted the same way.
+``fraction_of_matmul`` = achieved / matmul FLOP/s.
+
+Breakdown fields (``--breakdown``, on by default) say where time goes:
+``compute_s_per_tile`` (the compiled tile function on device-resident tiles,
+back to back), ``model_s_per_tile`` (network only, without ``postprocess``)
+and ``read_s_per_tile`` (reading + decoding the tiles alone, one thread).
+XLA flags are taken from ``$XLA_FLAGS`` and echoed in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # ``configs`` is a top-level folder
+  sys.path.insert(0, str(REPO))
+
+from configs import retina as retina_config  # noqa: E402
+from midog_jax import infer, parallel  # noqa: E402
+from midog_jax.data import slides, synthetic  # noqa: E402
+from midog_jax.methods.retina import RetinaMethod  # noqa: E402
+
+
+def _flops(compiled) -> float:
+  """FLOPs of a compiled executable by XLA's cost analysis."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def matmul_gflops(n: int = 4096, reps: int = 4) -> float:
+  """Best float32 N x N matmul rate (GFLOP/s by XLA's FLOP count)."""
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  flops = _flops(f.lower(a, b).compile())
+  f(a, b).block_until_ready()
+  best = np.inf
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return flops / best / 1e9
+
+
+def ensure_image(data: Path) -> Path:
+  """``data/001.tiff`` (7215x5412, midog21 preset), generated if missing."""
+  path = data / "001.tiff"
+  if not path.exists():
+    print(f"generating {path} (one full-size synthetic image) ...", file=sys.stderr)
+    synthetic.generate(data, preset="midog21", seed=0, ids=[1], workers=1)
+  return path
+
+
+def _time_calls(fn, x, calls: int) -> float:
+  """Seconds per call of ``fn(x)``, back to back, after one warm call."""
+  jax.block_until_ready(fn(x))
+  t0 = time.perf_counter()
+  for _ in range(calls):
+    out = fn(x)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / calls
+
+
+def _read_seconds_per_tile(path: Path, tcfg: infer.TileConfig, n: int) -> float:
+  """Reading + decoding alone: the first ``n`` tiles of the grid, one thread."""
+  with slides.Slide(path) as s:
+    xs = infer.tile_origins(s.width, tcfg.tile_size, tcfg.overlap)
+    ys = infer.tile_origins(s.height, tcfg.tile_size, tcfg.overlap)
+    grid = [(x, y) for y in ys for x in xs][:n]
+    t0 = time.perf_counter()
+    for x, y in grid:
+      s.read(int(x), int(y), tcfg.tile_size, tcfg.tile_size)
+    return (time.perf_counter() - t0) / len(grid)
+
+
+def measure(path: Path, method: RetinaMethod, variables, cfg, tile_size: int,
+            tile_batch: int, mesh, repeats: int, breakdown: bool,
+            matmul_before: float) -> dict:
+  tcfg = infer.TileConfig(tile_size=tile_size, overlap=cfg.eval.tile_overlap,
+                          tile_batch=tile_batch, merge_radius=cfg.eval.merge_radius_px,
+                          score_thresh=cfg.eval.score_thresh)
+  tile_fn = method.make_tile_fn(variables, tile_size, tcfg.score_thresh,
+                                tcfg.merge_radius)
+  sharding = parallel.data_sharding(mesh)
+  batch = jax.device_put(np.full((tile_batch, tile_size, tile_size, 3), 200, np.uint8),
+                         sharding)
+  t0 = time.perf_counter()
+  flops_per_tile = _flops(tile_fn.lower(batch).compile()) / tile_batch
+  jax.block_until_ready(tile_fn(batch))  # compiles the program detect() runs
+  compile_s = time.perf_counter() - t0
+
+  with slides.Slide(path) as s:
+    width, height = s.width, s.height
+  tiles = (len(infer.tile_origins(width, tile_size, tcfg.overlap)) *
+           len(infer.tile_origins(height, tile_size, tcfg.overlap)))
+  times, n_det = [], 0
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    det = infer.detect(path, tile_fn, tcfg, mesh)
+    times.append(time.perf_counter() - t0)
+    n_det = len(det)
+  matmul = max(matmul_before, matmul_gflops())
+  sec = min(times)
+  achieved = flops_per_tile * tiles / sec / 1e9
+  out = dict(
+      benchmark="inference", backbone=cfg.model.backbone,
+      image_size=[width, height], tile_size=tile_size, overlap=tcfg.overlap,
+      tile_batch=tile_batch, tiles=tiles, batches=-(-tiles // tile_batch),
+      seconds_per_image=round(sec, 3), all_seconds=[round(t, 3) for t in times],
+      mpix_per_s=round(width * height / sec / 1e6, 4),
+      flops_per_tile=flops_per_tile,
+      achieved_gflops_per_s=round(achieved, 2),
+      matmul_gflops_per_s=round(matmul, 2),
+      fraction_of_matmul=round(achieved / matmul, 4),
+      compile_s=round(compile_s, 1), detections=n_det,
+      device_kind=jax.devices()[0].device_kind, platform=jax.default_backend(),
+      device_count=jax.device_count(), cpu_count=os.cpu_count(),
+      xla_flags=os.environ.get("XLA_FLAGS", ""))
+  if breakdown:
+    compute = _time_calls(tile_fn, batch, 2) / tile_batch
+    anchors_free = jax.jit(lambda t: method.model.apply(variables, t, train=False))
+    model = _time_calls(anchors_free, batch, 2) / tile_batch
+    read = _read_seconds_per_tile(path, tcfg, 2 * tile_batch)
+    out.update(
+        compute_s_per_tile=round(compute, 4), model_s_per_tile=round(model, 4),
+        read_s_per_tile=round(read, 4),
+        compute_fraction_of_matmul=round(flops_per_tile / compute / 1e9 / matmul, 4),
+        # Share of the image's wall time not explained by back-to-back compute.
+        overhead_fraction=round(1.0 - compute * tiles / sec, 4))
+  return out
+
+
+def _ints(text: str) -> list[int]:
+  return [int(v) for v in text.split(",") if v]
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--data", default="data/bench_midog21",
+                 help="folder with (or to receive) the full-size 001.tiff")
+  p.add_argument("--tile_size", default="", help="e.g. 512 or 512,1024 "
+                 "(default: config.eval.tile_size)")
+  p.add_argument("--tile_batch", default="", help="e.g. 8 or 4,8 "
+                 "(default: config.eval.tile_batch)")
+  p.add_argument("--backbone", default="", help="resnet18|resnet34|resnet50 "
+                 "(default: the config's)")
+  p.add_argument("--repeats", type=int, default=1, help="timed images per setting")
+  p.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+  p.add_argument("--quick", action="store_true",
+                 help="the small 'quick' model (smoke run)")
+  args = p.parse_args(argv)
+
+  cfg = retina_config.get_config("quick" if args.quick else None)
+  if args.backbone:
+    cfg.model.backbone = args.backbone
+  path = ensure_image(Path(args.data))
+  mesh = parallel.make_mesh()
+  method = RetinaMethod(cfg)
+  # Parameters do not depend on the input size: initialise on a small patch.
+  variables = method.init_variables(jax.random.key(cfg.seed, impl="rbg"), 128)
+  variables = parallel.replicate(variables, mesh)
+  matmul_before = matmul_gflops()
+  for tile_size in _ints(args.tile_size) or [cfg.eval.tile_size]:
+    for tile_batch in _ints(args.tile_batch) or [cfg.eval.tile_batch]:
+      print(json.dumps(measure(path, method, variables, cfg, tile_size, tile_batch,
+                               mesh, args.repeats, args.breakdown, matmul_before)),
+            flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,301 @@
+"""Whole-image inference (infer.py): tiling, merging across tiles, invariances.
+
+The invariance tests run the REAL detector (the test-sized RetinaNet of
+``configs/retina.py:tiny``, random-init weights, score threshold 0 so that
+every tile yields detections) on crops of a synthetic TIFF, read through the
+real slide reader. The merge tests use a trivial but real ``TileFn``: a jitted
+function that reports the darkest pixel of each tile, so where a figure sits
+relative to the tile borders is fully under the test's control.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tifffile
+
+from midog_jax import infer, parallel
+from midog_jax.data import slides, synthetic
+from midog_jax.methods.retina import RetinaMethod
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # ``configs`` is a top-level folder, not installed
+  sys.path.insert(0, str(REPO))
+from configs import retina as retina_config  # noqa: E402
+
+TOPK = 40  # a modest top-k: many points per tile, cheap in-tile suppression
+
+
+# --------------------------------------------------------------------------
+# Tiling geometry.
+
+@pytest.mark.parametrize("length,tile,overlap", [
+    (1000, 128, 32), (7215, 512, 64), (5412, 512, 64), (129, 128, 32),
+    (300, 128, 32), (513, 512, 0), (97, 16, 15)])
+def test_tile_origins_cover_every_pixel_and_end_flush(length, tile, overlap):
+  o = infer.tile_origins(length, tile, overlap)
+  assert o[0] == 0 and o[-1] == length - tile
+  assert np.all(np.diff(o) > 0)
+  # Neighbours overlap by at least ``overlap``; so no pixel is missed.
+  assert np.all(np.diff(o) <= tile - overlap)
+  covered = np.zeros(length, bool)
+  for s in o:
+    covered[s:s + tile] = True
+  assert covered.all()
+
+
+@pytest.mark.parametrize("length", [1, 50, 128])
+def test_tile_origins_short_axis_is_one_tile(length):
+  np.testing.assert_array_equal(infer.tile_origins(length, 128, 32), [0])
+
+
+def test_tile_origins_rejects_overlap_not_below_tile():
+  with pytest.raises(ValueError, match="overlap"):
+    infer.tile_origins(1000, 128, 128)
+
+
+@pytest.mark.parametrize("length,tile,overlap", [
+    (1000, 128, 32), (7215, 512, 64), (300, 128, 32), (129, 128, 32)])
+def test_ownership_partitions_the_axis_inside_the_owning_tile(length, tile, overlap):
+  o = infer.tile_origins(length, tile, overlap)
+  lo, hi = infer._ownership_bounds(o, tile)
+  assert lo[0] == -np.inf and hi[-1] == np.inf
+  np.testing.assert_array_equal(hi[:-1], lo[1:])
+  centres = np.arange(length) + 0.5
+  owners = (centres[:, None] >= lo[None]) & (centres[:, None] < hi[None])
+  assert np.all(owners.sum(1) == 1)  # every pixel owned exactly once
+  t = owners.argmax(1)
+  # ... by a tile that contains it, at least overlap/2 from an interior border.
+  assert np.all((centres >= o[t]) & (centres < o[t] + tile))
+  inner_lo = np.where(t > 0, o[t], -np.inf)
+  inner_hi = np.where(t < len(o) - 1, o[t] + tile, np.inf)
+  margin = np.minimum(centres - inner_lo, inner_hi - centres)
+  assert margin.min() >= overlap / 2 - 1
+
+
+# --------------------------------------------------------------------------
+# Distance suppression.
+
+def test_suppress_by_distance_worked_example():
+  xy = np.array([[0, 0], [10, 0], [30, 0], [100, 100], [101, 100]], np.float32)
+  s = np.array([0.9, 0.8, 0.7, 0.1, 0.2], np.float32)
+  # (10,0) lies 10 px from the best point: dropped. (30,0) lies 20 px from
+  # (10,0), but a dropped point suppresses nothing (greedy): kept, being 30 px
+  # from (0,0). (100,100) loses to its higher-scoring neighbour (101,100).
+  np.testing.assert_array_equal(infer.suppress_by_distance(xy, s, 25.0), [0, 2, 4])
+  np.testing.assert_array_equal(infer.suppress_by_distance(xy, s, 0.0), np.arange(5))
+  assert len(infer.suppress_by_distance(np.zeros((0, 2)), np.zeros(0), 25.0)) == 0
+
+
+def test_suppress_by_distance_ties_do_not_depend_on_input_order():
+  xy = np.array([[40, 5], [30, 5], [35, 5]], np.float32)
+  s = np.full(3, 0.5, np.float32)
+  kept = [tuple(xy[p][infer.suppress_by_distance(xy[p], s, 25.0)][0])
+          for p in ([0, 1, 2], [2, 1, 0], [1, 2, 0])]
+  assert kept == [(30.0, 5.0)] * 3  # ties go to the smallest x, whatever the order
+
+
+# --------------------------------------------------------------------------
+# Merging across tile borders, with a darkest-pixel "detector".
+
+T, OVERLAP = 64, 16  # on a 112 px wide image: tiles at x=0 and x=48, midline 56
+
+
+def _darkest_pixel_fn(nudge: float):
+  """A real TileFn: one point per tile at its darkest pixel (if dark enough).
+
+  The point is moved ``nudge`` px in x towards the tile's centre (so two tiles
+  report one figure at slightly different places, as a real detector does),
+  and its score is the distance of the figure to the nearer left/right tile
+  border over the tile size: the tile that sees the figure better scores it
+  higher, and the score tells which tile a kept detection came from.
+  """
+
+  @jax.jit
+  def fn(tiles):
+    g = tiles.astype(jnp.float32).sum(-1)
+    b, t = g.shape[0], g.shape[1]
+    flat = jnp.argmin(g.reshape(b, -1), axis=1)
+    x = (flat % t).astype(jnp.float32) + 0.5
+    y = (flat // t).astype(jnp.float32) + 0.5
+    score = jnp.minimum(x, t - x) / t
+    x = x + jnp.where(x < t / 2, nudge, -nudge)
+    pts = jnp.stack([x, y], -1)[:, None]
+    valid = (g.reshape(b, -1).min(1) < 100)[:, None]
+    return (pts, jnp.where(valid, score[:, None], 0.0),
+            jnp.ones((b, 1), jnp.int32), valid)
+
+  return fn
+
+
+def _image_with_dot(x: int, y: int, width: int = 112, height: int = 64):
+  img = np.full((height, width, 3), 255, np.uint8)
+  img[y, x] = 0
+  return img
+
+
+def _cfg(radius: float, tile_batch: int = 2) -> infer.TileConfig:
+  return infer.TileConfig(tile_size=T, overlap=OVERLAP, tile_batch=tile_batch,
+                          merge_radius=radius, score_thresh=0.0)
+
+
+@pytest.mark.parametrize("dot_x,owner_score", [(50, 13.5 / T), (61, 13.5 / T)])
+def test_figure_in_the_overlap_is_kept_once_by_its_owner(dot_x, owner_score):
+  # Both tiles see the dot at the same image position; no suppression at all
+  # (radius 0), so only ownership can remove the duplicate. The owner is the
+  # tile where the dot lies 13.5 px from the border, not the one at 2.5 px.
+  assert infer.tile_origins(112, T, OVERLAP).tolist() == [0, 48]
+  det = infer.detect(_image_with_dot(dot_x, 20), _darkest_pixel_fn(0.0), _cfg(0.0))
+  np.testing.assert_allclose(det.xy, [[dot_x + 0.5, 20.5]])
+  np.testing.assert_allclose(det.scores, [owner_score], rtol=1e-6)
+
+
+def test_figure_straddling_the_ownership_line_is_merged_by_distance():
+  # Dot 2.5 px left of the midline (56): the left tile reports it at 49.5
+  # (its side), the right tile at 57.5 (its side), so ownership keeps both.
+  img = _image_with_dot(53, 30)
+  both = infer.detect(img, _darkest_pixel_fn(4.0), _cfg(0.0))
+  np.testing.assert_allclose(np.sort(both.xy[:, 0]), [49.5, 57.5])
+  one = infer.detect(img, _darkest_pixel_fn(4.0), _cfg(25.0))
+  # Distance suppression keeps one: the better view (left tile, 10.5 px in).
+  np.testing.assert_allclose(one.xy, [[49.5, 30.5]])
+  np.testing.assert_allclose(one.scores, [10.5 / T], rtol=1e-6)
+
+
+def test_points_outside_the_image_are_dropped():
+  # A tile_fn that reports three fixed points in every tile: on a 40x50 image
+  # (smaller than one tile, so padded) two of them fall in the padding.
+  local = jnp.asarray([[10.0, 10.0], [45.0, 10.0], [10.0, 55.0]])
+
+  @jax.jit
+  def fixed(tiles):
+    b = tiles.shape[0]
+    return (jnp.broadcast_to(local, (b, 3, 2)), jnp.full((b, 3), 0.9),
+            jnp.ones((b, 3), jnp.int32), jnp.ones((b, 3), bool))
+
+  det = infer.detect(np.zeros((50, 40, 3), np.uint8), fixed, _cfg(25.0))
+  np.testing.assert_allclose(det.xy, [[10.0, 10.0]])
+
+
+# --------------------------------------------------------------------------
+# The real detector: invariance to the tile batch and to the device count.
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory) -> dict[str, Path]:
+  """Crops of one synthetic tiny-preset image, written as plain TIFFs."""
+  root = tmp_path_factory.mktemp("infer")
+  synthetic.generate(root / "src", preset="tiny", seed=0, ids=[1], workers=1)
+  with slides.Slide(root / "src" / "001.tiff") as s:
+    full = s.read_all()
+  out = {}
+  for name, (w, h) in {"300x260": (300, 260), "301x257": (301, 257),
+                       "100x90": (100, 90)}.items():
+    out[name] = root / f"{name}.tiff"
+    tifffile.imwrite(out[name], np.ascontiguousarray(full[:h, :w]), photometric="rgb")
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  cfg = retina_config.get_config("tiny")
+  cfg.model.topk = TOPK
+  method = RetinaMethod(cfg)
+  variables = method.init_variables(jax.random.key(0, impl="rbg"), cfg.data.patch_size)
+  # Score threshold 0: random-init scores are near the 0.01 focal prior, and
+  # the test must see many detections to prove anything.
+  tile_fn = method.make_tile_fn(variables, cfg.eval.tile_size, 0.0, 25.0)
+  return cfg, tile_fn
+
+
+def _tcfg(cfg, tile_batch: int) -> infer.TileConfig:
+  return infer.TileConfig(tile_size=cfg.eval.tile_size, overlap=cfg.eval.tile_overlap,
+                          tile_batch=tile_batch, merge_radius=25.0, score_thresh=0.0)
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  np.testing.assert_allclose(a.xy, b.xy, atol=1e-4)
+  np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+  np.testing.assert_array_equal(a.classes, b.classes)
+
+
+def test_detections_do_not_depend_on_the_tile_batch(crops, tiny_model):
+  cfg, tile_fn = tiny_model
+  path = crops["300x260"]
+  # 3x3 tiles: batches of 1, 3 (exact) and 4 (last batch padded).
+  dets = {b: infer.detect(path, tile_fn, _tcfg(cfg, b)) for b in (1, 3, 4)}
+  assert len(dets[1]) > 10
+  assert len(np.unique(dets[1].scores)) > 10  # not one constant output
+  for b in (3, 4):
+    _assert_same(dets[b], dets[1])
+
+
+@pytest.mark.parametrize("name", ["301x257", "100x90"])
+def test_odd_and_smaller_than_tile_images(crops, tiny_model, name):
+  cfg, tile_fn = tiny_model
+  w, h = map(int, name.split("x"))
+  det = infer.detect(crops[name], tile_fn, _tcfg(cfg, 4))
+  assert len(det) > (10 if w > 200 else 0)
+  assert np.all((det.xy >= 0) & (det.xy < [w, h]))
+  # Merged detections keep their mutual distance (no duplicates survive).
+  d = np.linalg.norm(det.xy[:, None] - det.xy[None], axis=-1)
+  assert d[np.triu_indices(len(det), 1)].min() > 25.0
+  # Same answer from the array path as from the file path.
+  with slides.Slide(crops[name]) as s:
+    _assert_same(infer.detect(s.read_all(), tile_fn, _tcfg(cfg, 4)), det)
+
+
+_DEVICE_SCRIPT = """
+import sys
+import jax, numpy as np
+from configs import retina
+from midog_jax import infer, parallel
+from midog_jax.methods.retina import RetinaMethod
+image, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+assert jax.device_count() == n, jax.devices()
+cfg = retina.get_config("tiny")
+cfg.model.topk = {topk}
+method = RetinaMethod(cfg)
+mesh = parallel.make_mesh()
+variables = method.init_variables(jax.random.key(0, impl="rbg"), cfg.data.patch_size)
+variables = parallel.replicate(variables, mesh)
+tile_fn = method.make_tile_fn(variables, cfg.eval.tile_size, 0.0, 25.0)
+tcfg = infer.TileConfig(cfg.eval.tile_size, cfg.eval.tile_overlap, 4, 25.0, 0.0)
+det = infer.detect(image, tile_fn, tcfg, mesh)
+np.savez(out, xy=det.xy, scores=det.scores, classes=det.classes)
+if n > 1:  # a batch that cannot be split evenly over the devices is refused
+  try:
+    infer.detect(image, tile_fn, infer.TileConfig(128, 32, n + 1, 25.0, 0.0), mesh)
+  except ValueError as e:
+    print("refused:", e)
+""".format(topk=TOPK)
+
+
+def _run_on_devices(image: Path, out: Path, devices: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  r = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(image), str(out),
+                      str(devices)], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-4000:]
+  if devices > 1:
+    assert "refused: tile_batch" in r.stdout, r.stdout
+  return dict(np.load(out))
+
+
+def test_four_devices_give_the_one_device_detections(crops, tmp_path):
+  one = _run_on_devices(crops["300x260"], tmp_path / "d1.npz", 1)
+  four = _run_on_devices(crops["300x260"], tmp_path / "d4.npz", 4)
+  assert len(one["xy"]) > 10
+  assert len(four["xy"]) == len(one["xy"])
+  np.testing.assert_allclose(four["xy"], one["xy"], atol=1e-4)
+  np.testing.assert_allclose(four["scores"], one["scores"], atol=1e-5)
+  np.testing.assert_array_equal(four["classes"], one["classes"])
+

@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.num_workers = 0           # grain worker processes
   c.debug_step_sleep = 0.0    # seconds slept per step (interruption tests only)
+  c.best_metric = "f1"        # "f1" (highest val F1) | "val_loss" (lowest; seed 001)
   c.data = data_config()
   c.optimizer = optimizer_config()
   c.eval = eval_config()
@@ -104,6 +105,7 @@ def eval_config() -> ml_collections.ConfigDict:
   e.tile_batch = 8
   e.score_thresh = 0.05       # candidates kept for the threshold sweep
   e.merge_radius_px = 25.0    # distance suppression across tiles
+  e.tile_context = 0          # extra px read per tile side (dense VALID nets, P4)
   e.max_val_images = 0        # 0 = all validation images
   e.write_overlays = True
   return e

@@ -6,6 +6,12 @@ Usage::
       --out predictions/ [--threshold T] [--spacing_um S] \\
       [--formats json,geojson,csv] [--overlays] [--checkpoint best|latest]
 
+Several workdirs (``--workdir A --workdir B`` or ``--workdir A,B``) make an
+ensemble by agreement (seed 001's final submission): a detection of the first
+model is kept when every other model has a detection of the same class within
+the MIDOG matching radius (7.5 um in the image's pixels), each model having
+applied its own threshold first; see :func:`combine`.
+
 Writes ``OUT/<stem>.json`` (the MIDOG "Multiple points" format, millimetres)
 for every image, plus ``<stem>.geojson`` (QuPath, pixels), ``<stem>.csv`` and
 ``<stem>.png`` (detections drawn on the image) when asked. Points are the
@@ -170,13 +176,52 @@ def detect_image(predictors: Sequence[Predictor], slide: slides_lib.Slide
   return [p.detect(slide) for p in predictors]
 
 
-def combine(per_model: Sequence[export.Detections]) -> export.Detections:
-  """The detections to write from the members' detections of one image."""
-  if len(per_model) != 1:
-    # An ensemble needs an agreement rule (which points, which score); that is
-    # a separate design decision, not a default to fall into silently.
-    raise NotImplementedError("ensembles of several workdirs are not supported yet")
-  return per_model[0]
+def combine(per_model: Sequence[export.Detections],
+            radius_px: float | None = None) -> export.Detections:
+  """The detections to write from the members' detections of one image.
+
+  One member: its detections, unchanged. Several: agreement (seed 001). The
+  first member's detections are taken in decreasing score order; each
+  claims, in every other member, the nearest not-yet-claimed detection of
+  the same class within ``radius_px`` (inclusive; the MIDOG greedy matching,
+  so one detection never vouches for two). A detection matched in every
+  member is kept, at the mean position of the matched points with the mean
+  of their probabilities; the rest are dropped. The output is in the first
+  member's score order.
+
+  Args:
+    per_model: one ``Detections`` per member, each already thresholded.
+    radius_px: the matching radius in pixels (``7.5 / spacing_um``);
+      required for several members.
+  """
+  if not per_model:
+    raise ValueError("combine needs at least one model's detections")
+  if len(per_model) == 1:
+    return per_model[0]
+  if radius_px is None or not radius_px > 0:
+    raise ValueError(f"an ensemble needs a positive matching radius, got {radius_px}")
+  from midog_jax import metrics  # pylint: disable=g-import-not-at-top
+  first = per_model[0]
+  order = np.argsort(-first.scores, kind="stable")
+  xy = first.xy[order].astype(np.float64)
+  classes = first.classes[order]
+  agree = np.ones(len(order), bool)
+  sum_xy, sum_p = xy.copy(), first.scores[order].astype(np.float64)
+  for other in per_model[1:]:
+    for c in np.unique(classes):
+      mine = np.flatnonzero(classes == c)
+      theirs = np.flatnonzero(other.classes == c)
+      # metrics.match: "truth" (ours, in score order) claims "predictions".
+      _, assigned = metrics.match(xy[mine], other.xy[theirs], radius_px)
+      got = np.full(len(mine), -1, np.int64)
+      hit = assigned >= 0
+      got[assigned[hit]] = theirs[hit]
+      ok = got >= 0
+      agree[mine[~ok]] = False
+      sum_xy[mine[ok]] += other.xy[got[ok]]
+      sum_p[mine[ok]] += other.scores[got[ok]]
+  n = len(per_model)
+  return export.Detections(sum_xy[agree] / n, sum_p[agree] / n, classes[agree])
 
 
 # ----------------------------------------------------------------------------
@@ -256,7 +301,20 @@ def _spacing(slide: slides_lib.Slide, override: float | None) -> float:
 # Library entry point.
 
 
-def predict_images(workdir: str | os.PathLike, images: Sequence[str | os.PathLike],
+def _workdirs(workdir) -> list[str]:
+  """One or several workdirs: a path, a comma-separated string, or a list."""
+  items = [workdir] if isinstance(workdir, (str, os.PathLike)) else list(workdir)
+  out = []
+  for w in items:
+    w = os.fspath(w)
+    out += [p.strip() for p in w.split(",")] if "," in w else [w]
+  if not out:
+    raise DataError(None, "empty --workdir")
+  return out
+
+
+def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
+                   images: Sequence[str | os.PathLike],
                    out: str | os.PathLike, threshold: float | None = None,
                    spacing_um: float | None = None,
                    formats: Sequence[str] = ("json",), overlays: bool = False, *,
@@ -264,10 +322,12 @@ def predict_images(workdir: str | os.PathLike, images: Sequence[str | os.PathLik
   """Detects mitotic figures on ``images`` and writes one output set per image.
 
   Args:
-    workdir: trained workdir.
+    workdir: trained workdir, or several (a list or a comma-separated
+      string) for an ensemble by agreement (see :func:`combine`).
     images: TIFF files and/or folders (every ``*.tif``/``*.tiff`` inside).
     out: output folder (created).
-    threshold: output threshold (default: the checkpoint's F1-best one).
+    threshold: output threshold (default: the checkpoint's F1-best one); in
+      an ensemble it replaces every member's own threshold.
     spacing_um: microns per pixel for all images (overrides the TIFF tags).
     formats: subset of ("json", "geojson", "csv").
     overlays: also write ``<stem>.png`` with the detections drawn.
@@ -288,7 +348,7 @@ def predict_images(workdir: str | os.PathLike, images: Sequence[str | os.PathLik
     raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
   if spacing_um is not None and not (spacing_um > 0 and math.isfinite(spacing_um)):
     raise ValueError(f"spacing_um must be a positive number, got {spacing_um}")
-  predictors = [load_predictor(workdir, threshold, checkpoint)]
+  predictors = [load_predictor(w, threshold, checkpoint) for w in _workdirs(workdir)]
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   if verbose:
@@ -308,7 +368,8 @@ def predict_images(workdir: str | os.PathLike, images: Sequence[str | os.PathLik
                         f"{sources[stem]}; rename one of them")
       with slides_lib.Slide(path) as slide:
         spacing = _spacing(slide, spacing_um)
-        dets = combine(detect_image(predictors, slide))
+        # The matching radius (7.5 um) in this image's pixels.
+        dets = combine(detect_image(predictors, slide), radius_px=7.5 / spacing)
         paths = output_paths(out, stem, formats, overlays)
         write_outputs(dets, spacing, paths, slide)
       sources[stem] = path
@@ -335,7 +396,9 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m midog_jax.predict",
       description="Mitotic-figure detections on TIFF images with a trained workdir.")
-  p.add_argument("--workdir", required=True, help="training workdir")
+  p.add_argument("--workdir", required=True, action="append",
+                 help="training workdir; repeat it (or separate by commas) for "
+                 "an ensemble by agreement")
   p.add_argument("--images", required=True, nargs="+",
                  help="TIFF files and/or folders of *.tif/*.tiff")
   p.add_argument("--out", required=True, help="output folder")

@@ -130,8 +130,13 @@ def _example_image(batch, dets_fn=None) -> np.ndarray:
   return np.concatenate(list(imgs), axis=1)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (resuming from ``workdir`` if it holds checkpoints), then evaluates."""
+def train_and_evaluate(config, workdir: str, negatives=None) -> dict:
+  """Trains (resuming from ``workdir`` if it holds checkpoints), then evaluates.
+
+  ``negatives``: optional (N, 3) pool of (case_index, x, y) negative centres
+  for the training stream ("balanced" strategy; see ``mining.py``). Its case
+  indices refer to the training cases followed by the unlabeled cases.
+  """
   workdir = Path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
@@ -145,9 +150,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data = experiment.load_experiment(config.data)
   log(f"data: {data.describe()}")
   patch_cfg = pipeline.PatchConfig.from_config(config.data)
+  # A mined pool may point into the unlabeled images (seed 001's stain-mined
+  # negatives); they carry no mitoses, so they only ever give pool negatives.
+  train_cases = data.train + data.unlabeled if negatives is not None else data.train
   train_ds = pipeline.make_dataset(
-      data.train, patch_cfg, seed=config.seed, batch_size=config.batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      train_cases, patch_cfg, seed=config.seed, batch_size=config.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      negatives=negatives)
   train_iter = pipeline.make_iterator(train_ds, num_workers=config.num_workers)
   val_loss_ds = None
   if data.val and config.data.val_patches:
@@ -155,6 +164,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         data.val, patch_cfg, seed=config.seed + 1, batch_size=config.batch_size,
         augment=False, num_examples=config.data.val_patches,
         process_index=jax.process_index(), process_count=jax.process_count())
+  # Which validation result picks the "best" checkpoint: the highest F1, or
+  # (seed 001) the lowest validation loss. Either way the threshold stored
+  # with it is the F1-best threshold of that same validation.
+  best_metric = config.get("best_metric", "f1")
+  if best_metric not in ("f1", "val_loss"):
+    raise ValueError(f"best_metric must be 'f1' or 'val_loss', got {best_metric!r}")
+  if best_metric == "val_loss" and (val_loss_ds is None or not data.val or
+                                    config.data.val_patches < config.batch_size):
+    raise ValueError("best_metric 'val_loss' needs validation images and "
+                     "data.val_patches >= batch_size")
 
   # Model, optimizer, state.
   mesh = parallel.make_mesh()
@@ -205,8 +224,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
       v = validate(method, state, data.val, config)
       scalars.update(val_f1=v["f1"], val_precision=v["precision"],
                      val_recall=v["recall"], val_threshold=v["threshold"])
-      if v["f1"] > best["f1"]:
+      if best_metric == "val_loss":
+        better = scalars["val_loss"] < best.get("val_loss", math.inf)
+      else:
+        better = v["f1"] > best["f1"]
+      if better:
         best = dict(f1=v["f1"], threshold=v["threshold"], step=int(step))
+        if best_metric == "val_loss":
+          best["val_loss"] = scalars["val_loss"]
         ckpts.save_best(step, state, meta_now())  # every process: orbax syncs them
     if scalars:
       writer.scalars(step, scalars)

@@ -98,3 +98,69 @@ def test_worker_processes_match_in_process(cases):
   parallel = _batches(pipeline.make_iterator(ds, num_workers=2), 2)
   for a, b in zip(serial, parallel):
     _assert_same(a, b)
+
+
+@pytest.fixture(scope="module")
+def with_unlabeled(tiny_dataset):
+  ds = midog.load_midog(tiny_dataset / "MIDOG.json")
+  return ds.labeled + ds.unlabeled
+
+
+def _pool_for(cases):
+  """Two centres in the first case and three in the first unlabeled one."""
+  u = next(i for i, c in enumerate(cases) if not c.labeled)
+  return np.array([[0, 100.0, 120.0], [0, 300.5, 40.0],
+                   [u, 50.0, 60.0], [u, 200.0, 200.0], [u, 400.0, 330.0]])
+
+
+def test_negative_pool_gives_every_negative(with_unlabeled):
+  cases = with_unlabeled
+  pool = _pool_for(cases)
+  cfg = pipeline.PatchConfig(patch_size=64, strategy="balanced", shift=0, d4=False,
+                             colour="none")
+  ds = pipeline.make_dataset(cases, cfg, seed=2, batch_size=16, negatives=pool)
+  by_id = {c.image_id: i for i, c in enumerate(cases)}
+  hit = set()
+  for b in (ds[0], ds[1]):
+    assert list(b["positive"]) == [1, 0] * 8
+    for k in range(1, 16, 2):
+      ci = by_id[int(b["image_id"][k])]
+      centre = np.array([b["x0"][k], b["y0"][k]]) + 32
+      rows = np.flatnonzero(pool[:, 0] == ci)
+      assert len(rows), f"negative from case {ci}, which has no pool entry"
+      # Centred on a pool entry up to the +-3 px jitter (and pixel rounding).
+      err = np.abs(pool[rows, 1:] - centre).max(axis=1)
+      assert err.min() <= 3.5
+      hit.add(int(rows[err.argmin()]))
+  assert len(hit) >= 4  # drawn across the pool, unlabeled case included
+  again = pipeline.make_dataset(cases, cfg, seed=2, batch_size=16, negatives=pool)[1]
+  _assert_same(ds[1], again)
+
+
+def test_negative_pool_pickles_and_keeps_positive_slots(with_unlabeled):
+  import pickle
+  cases = with_unlabeled
+  cfg = pipeline.PatchConfig(patch_size=64, strategy="balanced", stratify_domains=True,
+                             shift=4, colour="od")
+  maker = pipeline.PatchMaker(cases, cfg, seed=1, negatives=_pool_for(cases).tolist())
+  copy = pickle.loads(pickle.dumps(maker))
+  for i in (3, 4):
+    _assert_same(maker(i), copy(i))
+  # The unlabeled domain (no figures) never takes a positive slot.
+  b = pipeline.make_dataset(cases, cfg, seed=1, batch_size=12,
+                            negatives=_pool_for(cases))[0]
+  assert list(b["positive"]) == [1, 0] * 6
+
+
+def test_negative_pool_is_checked(with_unlabeled):
+  cases = with_unlabeled
+  bal = pipeline.PatchConfig(patch_size=64, strategy="balanced")
+  with pytest.raises(ValueError, match="strategy 'balanced'"):
+    pipeline.PatchMaker(cases, pipeline.PatchConfig(patch_size=64), 0,
+                        negatives=_pool_for(cases))
+  with pytest.raises(ValueError, match=r"\(N, 3\)"):
+    pipeline.PatchMaker(cases, bal, 0, negatives=np.zeros((4, 2)))
+  with pytest.raises(ValueError, match="case indices"):
+    pipeline.PatchMaker(cases, bal, 0, negatives=[[len(cases), 1.0, 1.0]])
+  with pytest.raises(ValueError, match="non-finite"):
+    pipeline.PatchMaker(cases, bal, 0, negatives=[[0, np.nan, 1.0]])

@@ -32,6 +32,7 @@ from midog_jax.data.midog import IMPOSTER, MITOSIS, Case
 # Far larger than any run needs; MapDataset is lazy so this costs nothing.
 _INFINITE = 2 ** 40
 STRATEGIES = ("mitosis_centred", "imposter_centred", "random", "balanced")
+_POOL_JITTER_PX = 3.0  # sampling.sample_balanced's default jitter_px
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +73,52 @@ class PatchConfig:
     return self.shift + warp
 
 
+def check_negatives(negatives: Any, num_cases: int) -> np.ndarray:
+  """An explicit negative pool as a float64 (N, 3) array of (case, x, y).
+
+  Raises ValueError unless it is a non-empty (N, 3) array of finite numbers
+  whose first column holds whole case indices in ``[0, num_cases)``.
+  """
+  pool = np.asarray(negatives, np.float64)
+  if pool.ndim != 2 or pool.shape[1] != 3 or not len(pool):
+    raise ValueError(f"negatives must be a non-empty (N, 3) array of (case_index, "
+                     f"x, y), got shape {pool.shape}")
+  if not np.isfinite(pool).all():
+    raise ValueError("negatives hold non-finite values")
+  ci = pool[:, 0]
+  if (ci != np.round(ci)).any() or ci.min() < 0 or ci.max() >= num_cases:
+    raise ValueError(f"negatives: case indices must be integers in [0, {num_cases})"
+                     f", got {ci.min():g}..{ci.max():g}")
+  return np.ascontiguousarray(pool)
+
+
 class PatchMaker:
-  """Example ``i`` -> dict of arrays; picklable (used by grain workers)."""
+  """Example ``i`` -> dict of arrays; picklable (used by grain workers).
+
+  ``negatives`` (optional, "balanced" only): an (N, 3) pool of (case_index,
+  x, y) negative centres into ``cases`` (seed 001's mined negatives). Odd
+  examples are then centred (+ the positives' jitter) on a pool entry drawn
+  uniformly, instead of on ``sample_balanced``'s imposters and random points;
+  positives still come from the cases with mitotic figures (with
+  ``stratify_domains``, cycling over the domains that have figures only, so
+  unlabeled cases added for their pool entries never take positive slots).
+  """
 
   def __init__(self, cases: Sequence[Case], cfg: PatchConfig, seed: int,
-               augment: bool = True):
+               augment: bool = True, negatives: Any = None):
     if not cases:
       raise ValueError("no cases to sample patches from")
     self.cases = list(cases)
     self.cfg = cfg
     self.seed = int(seed)
     self.augment = augment
+    self.negatives = None
+    if negatives is not None:
+      if cfg.strategy != "balanced":
+        # Ignoring a pool silently would train on other negatives than asked.
+        raise ValueError(f"a negative pool needs strategy 'balanced', not "
+                         f"{cfg.strategy!r}")
+      self.negatives = check_negatives(negatives, len(self.cases))
     self.domains = sorted({c.domain for c in self.cases})
     self._domain_ids = {d: k for k, d in enumerate(self.domains)}
     self._by_domain = [[i for i, c in enumerate(self.cases) if c.domain == d]
@@ -102,7 +138,8 @@ class PatchMaker:
   def _case_index(self, index: int, rng: np.random.Generator) -> int:
     groups = self._by_domain
     if self.cfg.strategy == "balanced" and index % 2 == 0:
-      groups = [g for g in self._with_mitoses if g] if not self.cfg.stratify_domains \
+      groups = [g for g in self._with_mitoses if g] if (
+          not self.cfg.stratify_domains or self.negatives is not None) \
           else [g or self._by_domain[k] for k, g in enumerate(self._with_mitoses)]
     if self.cfg.stratify_domains:
       # Consecutive examples cycle through the domains, so every batch whose
@@ -116,6 +153,8 @@ class PatchMaker:
   def request(self, index: int) -> sampling.PatchRequest:
     """Which window example ``index`` shows (deterministic in seed, index)."""
     rng = np.random.default_rng([self.seed, index, 0])
+    if self.negatives is not None and index % 2 == 1:
+      return self._pool_negative(rng)
     ci = self._case_index(index, rng)
     case, size, cfg = self.cases[ci], self.cfg.patch_size, self.cfg
     if cfg.strategy == "mitosis_centred":
@@ -130,6 +169,17 @@ class PatchMaker:
         case, ci, size, rng, positive=(index % 2 == 0),
         min_dist_px=cfg.neg_min_dist_px,
         imposter_fraction=cfg.imposter_fraction)
+
+  def _pool_negative(self, rng: np.random.Generator) -> sampling.PatchRequest:
+    """A window centred (+ jitter) on a uniformly drawn pool negative."""
+    ci, x, y = self.negatives[int(rng.integers(len(self.negatives)))]
+    case = self.cases[int(ci)]
+    # The same +-3 px jitter as sample_balanced gives positives, so centring
+    # precision does not tell the classes apart.
+    jit = rng.uniform(-_POOL_JITTER_PX, _POOL_JITTER_PX, 2)
+    x = float(np.clip(x + jit[0], 0, case.width - 1))
+    y = float(np.clip(y + jit[1], 0, case.height - 1))
+    return sampling.centred_request(int(ci), x, y, self.cfg.patch_size, "negative")
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     req = self.request(index)
@@ -180,8 +230,8 @@ def _pack(image, points, classes, max_points, extra) -> dict[str, np.ndarray]:
 def make_dataset(cases: Sequence[Case], cfg: PatchConfig, *, seed: int,
                  batch_size: int, augment: bool = True,
                  num_examples: int | None = None,
-                 process_index: int = 0, process_count: int = 1
-                 ) -> grain.MapDataset:
+                 process_index: int = 0, process_count: int = 1,
+                 negatives: Any = None) -> grain.MapDataset:
   """The batched MapDataset of this process.
 
   Args:
@@ -195,11 +245,13 @@ def make_dataset(cases: Sequence[Case], cfg: PatchConfig, *, seed: int,
     num_examples: a finite stream (e.g. a fixed validation set); default
       infinite.
     process_index, process_count: this process's shard (multi-host).
+    negatives: optional (N, 3) pool of (case_index, x, y) negative centres
+      into ``cases`` ("balanced" only; see ``PatchMaker``).
   """
   if batch_size % process_count:
     raise ValueError(f"global batch {batch_size} is not divisible by "
                      f"{process_count} processes")
-  maker = PatchMaker(cases, cfg, seed, augment=augment)
+  maker = PatchMaker(cases, cfg, seed, augment=augment, negatives=negatives)
   n = _INFINITE if num_examples is None else int(num_examples)
   ds = grain.MapDataset.range(n).map(maker)
   if process_count > 1:

@@ -1,0 +1,225 @@
+"""Seed 001's P4 rotation-equivariant ResNet as a method of the shared loop.
+
+Training: a patch classifier (Ciresan et al.). A ``P`` px patch with
+``P = RF + 4k`` (RF = the receptive field, 78 for ``FULL_PLAN``) gives a
+``(2k + 1)^2`` output map whose CENTRE output (row = col = k) is centred on
+the patch centre ``((P - 1) / 2, (P - 1) / 2)``; that output is the patch's
+logit. Its label is 1 iff a mitotic figure (class 1, unmasked) of the
+augmented patch lies within ``model.pos_radius_px`` of the patch centre. The
+batch points are the augmented ones, so shifts, flips and elastic warps are
+accounted for. Loss: mean binary cross-entropy over the global batch.
+
+Inference: the network runs densely on each tile read with ``context``
+extra pixels per side (``infer.TileConfig.context``), giving a probability
+map with stride 2; candidates are its strict local maxima (see
+``local_maxima`` for why strict) above the score threshold (the top-K per
+tile, by logit), and ``infer``'s merge applies the distance suppression.
+
+Coordinate convention (pixel-index coordinates, pixel k spans
+``[k - 0.5, k + 0.5]``, the convention of ``data/sampling.py``): output
+``(i, j)`` of a network applied to an input array sees input rows
+``2i .. 2i + RF - 1`` and columns ``2j .. 2j + RF - 1``, so its centre is
+``(x, y) = (2j + RF/2 - 0.5, 2i + RF/2 - 0.5)`` in that array (see
+``output_to_pixels``). With ``context = RF // 2 - 1`` (38 for RF 78) a tile's
+map centres fall at ``2j + 0.5`` in tile coordinates (between pixels 2j and
+2j + 1): every image pixel is within 1 px of a centre, the map of an even
+``W`` x ``H`` image spans ``[0.5, W - 1.5]`` x ``[0.5, H - 1.5]``, and this
+set of centres maps onto itself under ``rot90`` of the image. (A context of
+``RF // 2`` = 39 would put the border centres at -0.5 and ``W - 0.5``, one
+outside the image and one inside, which breaks the rotation symmetry of the
+output at the image border.)
+
+Exactness rules (what the rotation and tiling tests rely on): image height
+and width even (the 2x2 pool grid maps onto itself), tile size and overlap
+even (every tile origin is even, so every tile's map is an exact crop of the
+whole-image map), and overlap >= ``4 * (peak_window // 2) + 4`` so that every
+point a tile owns has its whole local-maximum neighbourhood inside that
+tile's map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from midog_jax import infer
+from midog_jax.data.midog import MITOSIS
+from midog_jax.models import p4_resnet as pr
+
+# A cheaper plan with the seed's receptive field for 2-core CPU runs: the same
+# stem and pool, then 8 residual blocks of two 3x3 convolutions (RF
+# 1 + 12 + 1 + 2 * 32 = 78, 22 conv layers instead of 70).
+QUICK_PLAN = pr.LayerPlan(lift_kernel=5, pre_pool=((3, 3), (3, 3)),
+                          post_pool=((3, 3),) * 8, post_pool_width_mult=2)
+PLANS = {"full": pr.FULL_PLAN, "quick": QUICK_PLAN, "tiny": pr.TINY_PLAN}
+
+
+def plan_by_name(name: str) -> pr.LayerPlan:
+  """The ``LayerPlan`` named ``name`` (one of ``PLANS``)."""
+  if name not in PLANS:
+    raise ValueError(f"unknown P4 plan {name!r}; known: {sorted(PLANS)}")
+  return PLANS[name]
+
+
+def context_for(plan: pr.LayerPlan) -> int:
+  """Tile context (px per side) putting map centres at ``2j + 0.5``: RF/2 - 1."""
+  rf = pr.receptive_field(plan)
+  if rf % 2:
+    raise ValueError(f"the receptive field {rf} must be even")
+  return rf // 2 - 1
+
+
+def output_to_pixels(rows: jax.Array, cols: jax.Array, rf: int) -> jax.Array:
+  """Output-map indices -> (..., 2) float32 (x, y) in the input's pixel-index coords."""
+  off = rf / 2 - 0.5
+  return jnp.stack([pr.STRIDE * cols + off, pr.STRIDE * rows + off],
+                   axis=-1).astype(jnp.float32)
+
+
+def patch_labels(points: jax.Array, classes: jax.Array, mask: jax.Array,
+                 patch_size: int, radius: float) -> jax.Array:
+  """1.0 where a mitotic figure lies within ``radius`` px of the patch centre.
+
+  Args:
+    points: (B, N, 2) float (x, y) in patch pixel-index coordinates.
+    classes: (B, N) int, 1 = mitotic figure, 2 = imposter.
+    mask: (B, N) bool, which rows are real points.
+    patch_size: side ``P`` of the patches; the centre is ``(P - 1) / 2``.
+    radius: positive radius in px (inclusive).
+
+  Returns:
+    (B,) float32 labels.
+  """
+  centre = (patch_size - 1) / 2.0
+  d2 = jnp.sum(jnp.square(points - centre), axis=-1)
+  hit = mask & (classes == MITOSIS) & (d2 <= radius * radius)
+  return jnp.any(hit, axis=-1).astype(jnp.float32)
+
+
+def local_maxima(logits: jax.Array, window: int) -> jax.Array:
+  """Bool mask of STRICT local maxima of ``logits`` (B, H, W).
+
+  A point is kept iff it is larger than every other point of its
+  ``window`` x ``window`` neighbourhood (cut at the map border). Strict, so
+  that exact ties cannot make the result depend on orientation: any rule that
+  picks one member of a plateau breaks rotation symmetry somewhere (a plateau
+  can be symmetric), while "no member of a plateau" is symmetric. Plateaus
+  are regions where the network's output is exactly constant (e.g. every
+  feature of the last layer rectified to zero), not detections. Works on
+  logits, not probabilities, so that a saturated sigmoid cannot make ties.
+  """
+  r = window // 2
+  _, h, w = logits.shape
+  padded = jnp.pad(logits, ((0, 0), (r, r), (r, r)), constant_values=-jnp.inf)
+  others = jnp.full_like(logits, -jnp.inf)
+  for dy in range(window):
+    for dx in range(window):
+      if (dy, dx) != (r, r):
+        others = jnp.maximum(others, padded[:, dy:dy + h, dx:dx + w])
+  return logits > others
+
+
+class P4Method:
+  """Builds ``P4ResNet`` from ``config.model``; loss and dense inference."""
+
+  def __init__(self, config):
+    m = config.model
+    self.cfg = m
+    self.plan = plan_by_name(m.plan)
+    self.rf = pr.receptive_field(self.plan)
+    self.model = pr.P4ResNet(
+        plan=self.plan, width=m.width, num_classes=1,
+        dtype=jnp.bfloat16 if m.get("dtype", "float32") == "bfloat16" else jnp.float32)
+    window = int(m.peak_window)
+    if window < 1 or window % 2 == 0:
+      raise ValueError(f"model.peak_window must be odd and positive, got {window}")
+    self._check_tiling(config.eval, window)
+
+  def _check_tiling(self, e, window: int) -> None:
+    """Fails early on tilings that would make tiles disagree with the whole map."""
+    t, o = int(e.tile_size), int(e.tile_overlap)
+    c = int(e.get("tile_context", 0))
+    if t % 2 or o % 2:
+      raise ValueError(f"P4: eval.tile_size ({t}) and eval.tile_overlap ({o}) must "
+                       "be even, so every tile's map lies on the image's stride-2 grid")
+    if o < 4 * (window // 2) + 4:
+      raise ValueError(f"P4: eval.tile_overlap {o} is too small for peak_window "
+                       f"{window}; use at least {4 * (window // 2) + 4}")
+    if t + 2 * c < self.rf:
+      raise ValueError(f"P4: a tile of {t} px with context {c} is smaller than "
+                       f"the receptive field {self.rf}")
+
+  def centre_index(self, patch_size: int) -> int:
+    """Row/column of the output whose centre is the patch centre."""
+    if patch_size < self.rf or (patch_size - self.rf) % 4:
+      raise ValueError(f"P4: patch_size must be RF + 4k (RF {self.rf}), got "
+                       f"{patch_size}")
+    return (patch_size - self.rf) // 4
+
+  def init_variables(self, rng: jax.Array, patch_size: int) -> dict:
+    """Initial ``params`` and ``batch_stats`` for ``patch_size`` px patches."""
+    self.centre_index(patch_size)
+    x = jnp.zeros((1, patch_size, patch_size, 3), jnp.float32)
+    # Jitted: op-by-op initialisation of a 70-layer net takes minutes on a CPU.
+    return dict(jax.jit(lambda r: self.model.init(r, x, train=False))(rng))
+
+  def trainable_mask(self, params) -> Any:
+    """Every parameter trains."""
+    return jax.tree.map(lambda _: True, params)
+
+  def logits(self, variables: dict, images_uint8: jax.Array, train: bool):
+    """Centre logits (B,) of uint8 patches, and the updated ``batch_stats``."""
+    x = infer.to_model_input(images_uint8)
+    if train:
+      out, upd = self.model.apply(variables, x, train=True, mutable=["batch_stats"])
+      new_stats = upd["batch_stats"]
+    else:
+      out, new_stats = self.model.apply(variables, x, train=False), variables["batch_stats"]
+    k = self.centre_index(images_uint8.shape[1])
+    return out[:, k, k, 0], new_stats
+
+  def loss(self, params, batch_stats, batch, train: bool):
+    """Mean binary cross-entropy of the centre logits over the global batch."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    logit, new_stats = self.logits(variables, batch["image"], train)
+    labels = patch_labels(batch["points"], batch["classes"], batch["mask"],
+                          batch["image"].shape[1], float(self.cfg.pos_radius_px))
+    # Under jit the sharded batch is one array: these means span all devices.
+    loss = optax.sigmoid_binary_cross_entropy(logit, labels).mean()
+    accuracy = jnp.mean(((logit > 0).astype(jnp.float32) == labels).astype(jnp.float32))
+    return loss, (dict(loss=loss, accuracy=accuracy, pos_fraction=labels.mean()),
+                  new_stats)
+
+  def make_tile_fn(self, variables: dict, tile_size: int, score_thresh: float,
+                   radius: float):
+    """Jitted uint8 context-padded tiles -> points, scores, classes (1), valid.
+
+    Points are in the pixel-index coordinates of the tiles as given (the
+    caller subtracts the context). ``radius`` is applied by ``infer``'s
+    merge, not here.
+    """
+    del tile_size, radius  # shapes come from the tiles; suppression is infer's
+    window, topk, rf = int(self.cfg.peak_window), int(self.cfg.topk), self.rf
+    thresh = float(score_thresh)
+
+    @jax.jit
+    def tile_fn(tiles):
+      logit = self.model.apply(variables, infer.to_model_input(tiles),
+                               train=False)[..., 0]
+      b, oh, ow = logit.shape
+      prob = jax.nn.sigmoid(logit)
+      cand = local_maxima(logit, window) & (prob >= thresh)
+      k = min(topk, oh * ow)
+      # Rank candidates by logit (no saturation); non-candidates sink.
+      key = jnp.where(cand, logit, -jnp.inf).reshape(b, oh * ow)
+      _, idx = jax.lax.top_k(key, k)
+      valid = jnp.take_along_axis(cand.reshape(b, -1), idx, axis=1)
+      scores = jnp.take_along_axis(prob.reshape(b, -1), idx, axis=1)
+      pts = output_to_pixels(idx // ow, idx % ow, rf)
+      classes = jnp.full((b, k), MITOSIS, jnp.int32)
+      return pts, jnp.where(valid, scores, 0.0), classes, valid
+
+    return tile_fn

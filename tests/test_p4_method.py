@@ -1,0 +1,330 @@
+"""Seed 001's P4 method: patch labels, dense maxima, tiling, training and rotation.
+
+The rotation contract (last test) runs through the real CLIs: a tiny P4 workdir
+trained by ``python -m midog_jax.main`` and ``python -m midog_jax.predict`` on
+a TIFF and its ``np.rot90`` copy. Size rule for exactness: image height and
+width EVEN, tile size and overlap even (every tile origin is then even and
+each tile's map is an exact crop of the whole-image map on the stride-2 grid
+whose centres ``2j + 0.5`` map onto themselves under rot90), overlap at least
+``4 * (peak_window // 2) + 4`` px (owned points see their whole local-maximum
+window) and ``topk`` above the number of maxima per tile.
+
+Ties: a briefly trained width-2 model outputs exactly constant values over
+regions where all its last features are rectified to zero. With maxima
+"equal to the window max" every member of such a plateau became a candidate
+with the same score, and ``infer``'s distance suppression, which breaks equal
+scores by position, kept a different member in the rotated image (seen
+here: 1 of 43 points). The method therefore keeps only STRICT maxima (larger
+than every neighbour), a rule that treats a plateau the same in every
+orientation. The test images also carry per-pixel noise, so no flat image
+region makes a plateau either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tifffile
+
+from configs import p4_resnet
+from midog_jax import infer
+from midog_jax.data import slides as slides_lib
+from midog_jax.data.midog import IMPOSTER, MITOSIS
+from midog_jax.methods import p4 as p4m
+from midog_jax.models import p4_resnet as pr
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("p4_method")
+SPACING_UM = 0.25
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _tiny_method(**eval_overrides):
+  config = p4_resnet.get_config("tiny")
+  config.model.topk = 4096  # more than any tile here has maxima
+  for k, v in eval_overrides.items():
+    setattr(config.eval, k, v)
+  return p4m.P4Method(config), config
+
+
+def _random_variables(method, patch, seed):
+  """Initial weights with random batch-norm affine maps and statistics.
+
+  At initialisation (BN the identity) most of the tiny net's last features
+  are rectified to zero and its map is largely one plateau; random BN
+  parameters make a map with many distinct maxima, as a trained net has.
+  """
+  v = method.init_variables(jax.random.key(seed), patch)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "mean":
+      return rng.normal(0, 0.3, leaf.shape).astype(np.float32)
+    if name == "var":
+      return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+    if name == "scale":
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    if name == "bias":
+      return rng.normal(0, 0.3, leaf.shape).astype(np.float32)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(fill, v)
+
+
+def _noisy_image(h, w, seed):
+  """Smooth blobs plus per-pixel noise: no flat regions, hence no exact ties."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:h, 0:w]
+  img = np.full((h, w), 200.0)
+  for _ in range(6):
+    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    img -= 120 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 6.0 ** 2))
+  rgb = img[..., None] * np.asarray([0.9, 0.7, 1.0]) + rng.normal(0, 6, (h, w, 3))
+  return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ labels
+
+
+def test_patch_labels_by_hand():
+  p = 78
+  c = (p - 1) / 2  # 38.5: the centre of output (k, k) of a 78 + 4k patch
+  pts = np.zeros((7, 2, 2), np.float32)
+  cls = np.full((7, 2), MITOSIS, np.int32)
+  mask = np.zeros((7, 2), bool)
+  mask[:, 0] = True
+  pts[0, 0] = (c, c)                 # mitosis at the centre -> 1
+  pts[1, 0] = (c + 20, c)            # 20 px away -> 0
+  pts[2, 0], cls[2, 0] = (c, c), IMPOSTER   # imposter at the centre -> 0
+  pts[3, 0], mask[3, 0] = (c, c), False     # padding row at the centre -> 0
+  pts[4, 0] = (c, c - 8)             # exactly 8 px (inclusive) -> 1
+  pts[5, 0] = (c + 30, c)            # far mitosis, and an imposter near...
+  pts[5, 1], cls[5, 1], mask[5, 1] = (c + 1, c), IMPOSTER, True  # ... -> 0
+  pts[6, 0] = (c + 8.25, c)          # just outside -> 0
+  got = p4m.patch_labels(jnp.asarray(pts), jnp.asarray(cls), jnp.asarray(mask), p, 8.0)
+  np.testing.assert_array_equal(np.asarray(got), [1, 0, 0, 0, 1, 0, 0])
+
+
+def test_loss_uses_the_centre_output_and_those_labels():
+  method, config = _tiny_method()
+  rf = pr.receptive_field(method.plan)  # 12
+  p = rf + 8                             # 5x5 output map, centre (2, 2)
+  assert method.centre_index(p) == 2
+  np.testing.assert_allclose(np.asarray(p4m.output_to_pixels(2, 2, rf)),
+                             [(p - 1) / 2] * 2)
+  variables = method.init_variables(jax.random.key(0), p)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, p, p, 3)).astype(np.uint8)
+  c = (p - 1) / 2
+  points = np.asarray([[[c, c]], [[c + 20, c]], [[c, c]], [[c + 1, c - 2]]], np.float32)
+  batch = dict(image=images, points=points,
+               classes=np.asarray([[MITOSIS], [MITOSIS], [IMPOSTER], [MITOSIS]]),
+               mask=np.ones((4, 1), bool))
+  labels = np.asarray([1, 0, 0, 1], np.float32)
+  loss, (metrics, stats) = method.loss(variables["params"], variables["batch_stats"],
+                                       batch, train=False)
+  full = method.model.apply(variables, infer.to_model_input(images), train=False)
+  logit = full[:, 2, 2, 0]
+  want = optax.sigmoid_binary_cross_entropy(logit, labels).mean()
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+  assert float(metrics["pos_fraction"]) == 0.5
+  assert float(metrics["accuracy"]) == float(np.mean((np.asarray(logit) > 0) == labels))
+  # Train mode updates the batch-norm statistics.
+  _, (_, new_stats) = method.loss(variables["params"], variables["batch_stats"],
+                                  batch, train=True)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new_stats,
+                       variables["batch_stats"])
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_output_centre_convention_by_influence():
+  """A pixel only moves outputs whose window, centred per the convention, holds it."""
+  method, _ = _tiny_method()
+  rf = pr.receptive_field(method.plan)
+  variables = method.init_variables(jax.random.key(1), 40)
+  img = _noisy_image(40, 40, 3)
+  r, c = 17, 22
+  bumped = img.copy()
+  bumped[r, c] = 255 - bumped[r, c]
+  apply = lambda x: method.model.apply(variables, infer.to_model_input(x[None]))[0, ..., 0]
+  diff = np.abs(np.asarray(apply(bumped)) - np.asarray(apply(img))) > 0
+  oh, ow = diff.shape
+  ii, jj = np.mgrid[0:oh, 0:ow]
+  xy = np.asarray(p4m.output_to_pixels(jnp.asarray(ii), jnp.asarray(jj), rf))
+  half = rf / 2 - 0.5  # window = centre +- (RF/2 - 0.5) pixel indices
+  inside = (np.abs(xy[..., 0] - c) <= half) & (np.abs(xy[..., 1] - r) <= half)
+  assert diff.any() and not (diff & ~inside).any()
+  # The output whose centre is nearest the pixel does move.
+  near = np.unravel_index(np.argmin(np.abs(xy[..., 0] - c) + np.abs(xy[..., 1] - r)),
+                          diff.shape)
+  assert diff[near]
+
+
+# ------------------------------------------------------------------ dense maxima
+
+
+def test_tile_fn_returns_thresholded_local_maxima_inside_the_tile():
+  method, _ = _tiny_method()
+  rf = pr.receptive_field(method.plan)
+  variables = _random_variables(method, rf, 2)
+  tiles = np.stack([_noisy_image(60, 60, s) for s in (4, 5)])
+  logit = np.asarray(method.model.apply(variables, infer.to_model_input(tiles)))[..., 0]
+  prob = 1 / (1 + np.exp(-logit.astype(np.float64)))
+  _, oh, ow = logit.shape
+  pad = np.pad(logit, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+  neigh = np.stack([pad[:, dy:dy + oh, dx:dx + ow] for dy in range(3) for dx in range(3)
+                    if (dy, dx) != (1, 1)])
+  strict = logit > neigh.max(0)
+  thresh = float(np.median(prob[strict]))  # so the threshold matters
+  pts, scores, classes, valid = map(np.asarray, method.make_tile_fn(
+      variables, 50, thresh, 0.0)(tiles))
+  for b in range(2):
+    want = strict[b] & (prob[b] >= thresh)
+    assert 0 < want.sum() < strict[b].sum()
+    assert valid[b].sum() == want.sum()
+    p = pts[b][valid[b]]
+    assert ((p >= 0) & (p <= 59)).all()
+    # Back to map indices through the documented convention.
+    jj = (p[:, 0] - (rf / 2 - 0.5)) / 2
+    ii = (p[:, 1] - (rf / 2 - 0.5)) / 2
+    np.testing.assert_array_equal(jj, np.round(jj))
+    ii, jj = ii.astype(int), jj.astype(int)
+    assert want[ii, jj].all()
+    np.testing.assert_allclose(scores[b][valid[b]], prob[b][ii, jj], rtol=1e-5)
+    assert (classes[b][valid[b]] == MITOSIS).all()
+    # Sorted by score, invalid slots last.
+    s = scores[b][valid[b]]
+    assert (np.diff(s) <= 0).all() and not valid[b][valid[b].sum():].any()
+
+
+@pytest.mark.parametrize("tile,overlap", [(48, 8), (64, 20)])
+def test_tiled_detect_equals_whole_image_maxima(tile, overlap):
+  method, config = _tiny_method(tile_size=tile, tile_overlap=overlap)
+  rf = pr.receptive_field(method.plan)
+  ctx = config.eval.tile_context
+  assert ctx == rf // 2 - 1
+  variables = _random_variables(method, rf, 3)
+  image = _noisy_image(130, 150, 7)  # even sides; several tiles each way
+  tile_fn = method.make_tile_fn(variables, tile, 0.0, 0.0)
+  cfg = infer.TileConfig(tile_size=tile, overlap=overlap, tile_batch=4,
+                         merge_radius=0.0, score_thresh=0.0, context=ctx)
+  got = infer.detect(image, tile_fn, cfg)
+
+  # Reference: the whole image padded by the context (white, as the tile
+  # reader pads), one application, local maxima, back to image pixels.
+  padded = np.pad(image, ((ctx, ctx), (ctx, ctx), (0, 0)), constant_values=255)
+  logit = np.asarray(method.model.apply(variables, infer.to_model_input(padded[None])))[0, ..., 0]
+  oh, ow = logit.shape
+  assert (oh, ow) == (65, 75)  # centres 0.5, 2.5, ..., side - 1.5
+  peaks = np.asarray(p4m.local_maxima(jnp.asarray(logit[None]), 3))[0]
+  ii, jj = np.nonzero(peaks)
+  ref = np.asarray(p4m.output_to_pixels(jnp.asarray(ii), jnp.asarray(jj), rf)) - ctx
+  ref_s = 1 / (1 + np.exp(-logit[ii, jj]))
+  order = lambda xy: np.lexsort((xy[:, 1], xy[:, 0]))
+  assert len(got) == len(ref) > 20
+  np.testing.assert_array_equal(got.xy[order(got.xy)], ref[order(ref)])
+  np.testing.assert_allclose(got.scores[order(got.xy)], ref_s[order(ref)], rtol=1e-4)
+  # With a merge radius the tiles' merge equals suppression on the whole map.
+  cfg = infer.TileConfig(tile_size=tile, overlap=overlap, tile_batch=4,
+                         merge_radius=6.0, score_thresh=0.0, context=ctx)
+  got = infer.detect(image, tile_fn, cfg)
+  keep = infer.suppress_by_distance(ref, ref_s, 6.0)
+  assert 0 < len(keep) < len(ref)
+  np.testing.assert_array_equal(np.sort(got.xy, axis=0), np.sort(ref[keep], axis=0))
+
+
+def test_odd_tiles_are_refused():
+  with pytest.raises(ValueError, match="even"):
+    _tiny_method(tile_size=49)
+  with pytest.raises(ValueError, match="too small"):
+    _tiny_method(tile_overlap=4)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_dataset, tmp_path_factory) -> Path:
+  """A tiny P4 workdir trained 3 steps, validated after each (lowest val loss kept)."""
+  w = tmp_path_factory.mktemp("p4") / "work"
+  cmd = [sys.executable, "-m", "midog_jax.main", "--config=configs/p4_resnet.py:tiny",
+         f"--workdir={w}", f"--config.data.root={tiny_dataset}",
+         "--config.total_steps=3", "--config.eval_every=1",
+         "--config.checkpoint_every=3"]
+  r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, f"training failed:\n{r.stderr[-4000:]}"
+  return w
+
+
+def test_training_run_writes_eval_and_keeps_lowest_val_loss(workdir):
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in rows if "accuracy" in r]
+  assert [r["step"] for r in train] == [1, 2, 3]
+  assert all(0 <= r["pos_fraction"] <= 1 and np.isfinite(r["loss"]) for r in train)
+  val = {r["step"]: r for r in rows if "val_loss" in r}
+  assert sorted(val) == [1, 2, 3]
+  summary = json.loads((workdir / "eval" / "summary.json").read_text())
+  best_step = min(val, key=lambda s: val[s]["val_loss"])
+  assert summary["best"]["step"] == best_step
+  assert summary["best"]["val_loss"] == pytest.approx(val[best_step]["val_loss"])
+  # Its threshold is the F1-best one of that validation.
+  assert summary["best"]["threshold"] == pytest.approx(val[best_step]["val_threshold"])
+  assert (workdir / "eval" / "val" / "metrics.json").exists()
+  assert (workdir / "eval" / "heldout_domain" / "metrics.json").exists()
+
+
+def _write_tiff(path, image):
+  ppcm = 1e4 / SPACING_UM
+  tifffile.imwrite(path, image, photometric="rgb", resolution=(ppcm, ppcm),
+                   resolutionunit="CENTIMETER")
+
+
+def _read_points(path):
+  obj = json.loads(Path(path).read_text())
+  xy = np.asarray([p["point"][:2] for p in obj["points"]], np.float64).reshape(-1, 2)
+  return xy, np.asarray([p["probability"] for p in obj["points"]], np.float64)
+
+
+def test_rotation_contract_through_predict(workdir, tiny_dataset, tmp_path):
+  """predict(rot90(image)) == rot90(predict(image)): points (1e-4 mm) and scores."""
+  tissue = slides_lib.Slide(tiny_dataset / "001.tiff").read(100, 60, 210, 168)
+  noise = np.random.default_rng(0).integers(-3, 4, tissue.shape)
+  image = np.clip(tissue.astype(int) + noise, 0, 255).astype(np.uint8)
+  h, w = image.shape[:2]
+  assert h % 2 == 0 and w % 2 == 0
+  _write_tiff(tmp_path / "a.tiff", image)
+  _write_tiff(tmp_path / "a_rot.tiff", np.rot90(image))
+  out = tmp_path / "out"
+  r = subprocess.run([sys.executable, "-m", "midog_jax.predict", "--workdir", str(workdir),
+                      "--images", str(tmp_path / "a.tiff"), str(tmp_path / "a_rot.tiff"),
+                      "--out", str(out), "--threshold", "0.01"],
+                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  xy, s = _read_points(out / "a.json")
+  xy_r, s_r = _read_points(out / "a_rot.json")
+  assert len(xy) >= 5 and len(xy) == len(xy_r)
+  # np.rot90: pixel (x, y) of the original lands at (y, W - 1 - x).
+  mm = SPACING_UM / 1000
+  want = np.stack([xy[:, 1], (w - 1) * mm - xy[:, 0]], axis=1)
+  # Pair the points up by their (half-pixel) grid positions, then compare.
+  key = lambda p: np.lexsort(np.round(p / mm * 2).astype(np.int64).T[::-1])
+  order, order_r = key(want), key(xy_r)
+  np.testing.assert_allclose(xy_r[order_r], want[order], rtol=0, atol=1e-4)
+  np.testing.assert_allclose(s_r[order_r], s[order], rtol=0, atol=1e-4)

@@ -71,6 +71,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 128
   c.total_steps = 40_000
   c.best_metric = "val_loss"
+  # Negative mining (python -m midog_jax.mining): a pool of random
+  # far-from-mitosis centres + imposters, plus residual-stain patches of the
+  # unlabeled images (seed 001); each round keeps the hardest half.
+  c.mining = ml_collections.ConfigDict(dict(
+      random_per_case=200, min_dist_px=0.0, stain_top_k=8, keep_fraction=0.5,
+      score_threshold=-1.0, score_batch=32, score_patch_size=0))
   c.optimizer = common.optimizer_config("sgd", 0.01)
   c.optimizer.momentum = 0.9
   c.optimizer.schedule = "cosine_cyclic"

@@ -181,6 +181,17 @@ class P4Method:
     k = self.centre_index(images_uint8.shape[1])
     return out[:, k, k, 0], new_stats
 
+  def make_patch_score_fn(self, variables: dict, patch_size: int):
+    """Jitted uint8 patches (B, P, P, 3) -> probability (B,) that each is centred
+    on a mitotic figure (hard-negative mining scores its pool with this)."""
+    self.centre_index(patch_size)
+
+    @jax.jit
+    def score(patches):
+      return jax.nn.sigmoid(self.logits(variables, patches, train=False)[0])
+
+    return score
+
   def loss(self, params, batch_stats, batch, train: bool):
     """Mean binary cross-entropy of the centre logits over the global batch."""
     variables = {"params": params, "batch_stats": batch_stats}

@@ -6,23 +6,31 @@ seed-000 model (ResNet-50 RetinaNet, random init: timing does not depend on
 the weights) and prints one JSON object per measurement::
 
   python benchmarks/inference.py [--data data/bench_midog21] [--tile_size 512]
-      [--tile_batch 8] [--backbone resnet50] [--repeats 1] [--quick]
+      [--tile_batch 8] [--backbone resnet50] [--repeats 1] [--xla_defaults]
+      [--quick]
 
 ``--tile_size`` and ``--tile_batch`` take comma-separated lists (one line per
 combination). ``--quick`` uses the small ``quick`` model (a smoke run).
+``infer.detect`` compiles the detector with ``infer.CPU_COMPILER_OPTIONS``
+on CPU (XLA's own convolutions instead of YNNPACK's); ``--xla_defaults``
+measures XLA's default options instead, for comparison.
 
 FLOPs are XLA's own count (``cost_analysis()`` of the compiled per-batch
 program, divided by the batch), so they match what really runs (padding of
 the last batch excluded: ``tiles`` counts real tiles). The reference is a
 float32 N x N matmul timed in the same process (best of a few, before and
-after the image, the better of the two), with its FLOPs counted the same way.
+after the image, under XLA's default options and under the detector's, the
+best of all), with its FLOPs counted the same way.
 ``fraction_of_matmul`` = achieved / matmul FLOP/s.
 
-Breakdown fields (``--breakdown``, on by default) say where time goes:
+Breakdown fields (on unless ``--no-breakdown``) say where time goes:
 ``compute_s_per_tile`` (the compiled tile function on device-resident tiles,
 back to back), ``model_s_per_tile`` (network only, without ``postprocess``)
 and ``read_s_per_tile`` (reading + decoding the tiles alone, one thread).
-XLA flags are taken from ``$XLA_FLAGS`` and echoed in the output.
+XLA flags are taken from ``$XLA_FLAGS`` and echoed in the output, with the
+load average and ``cpu_share`` (this process's CPU time over wall time x
+cores): on a shared machine, a share well below 1 means the figures are
+low because other processes had the CPU.
 """
 
 from __future__ import annotations
@@ -56,19 +64,26 @@ def _flops(compiled) -> float:
   return float(cost["flops"])
 
 
-def matmul_gflops(n: int = 4096, reps: int = 4) -> float:
-  """Best float32 N x N matmul rate (GFLOP/s by XLA's FLOP count)."""
+def matmul_gflops(n: int = 4096, reps: int = 4) -> tuple[float, float]:
+  """Best float32 N x N matmul rates: GFLOP/s of wall time and of CPU time.
+
+  FLOPs by XLA's count. Compiled both with XLA's default options and with
+  the ones ``infer`` uses for the detector; the faster is the reference, so
+  a change of XLA options cannot flatter the ratio by slowing the reference.
+  """
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-  f = jax.jit(jnp.matmul)
-  flops = _flops(f.lower(a, b).compile())
-  f(a, b).block_until_ready()
-  best = np.inf
-  for _ in range(reps):
-    t0 = time.perf_counter()
+  best_rate = best_cpu_rate = 0.0
+  for opts in (None, dict(infer.CPU_COMPILER_OPTIONS) or None):
+    f = jax.jit(jnp.matmul).lower(a, b).compile(compiler_options=opts)
+    flops = _flops(f)
     f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return flops / best / 1e9
+    for _ in range(reps):
+      t0, c0 = time.perf_counter(), time.process_time()
+      f(a, b).block_until_ready()
+      best_rate = max(best_rate, flops / (time.perf_counter() - t0) / 1e9)
+      best_cpu_rate = max(best_cpu_rate, flops / (time.process_time() - c0) / 1e9)
+  return best_rate, best_cpu_rate
 
 
 def ensure_image(data: Path) -> Path:
@@ -110,12 +125,13 @@ def measure(path: Path, method: RetinaMethod, variables, cfg, tile_size: int,
                           score_thresh=cfg.eval.score_thresh)
   tile_fn = method.make_tile_fn(variables, tile_size, tcfg.score_thresh,
                                 tcfg.merge_radius)
+  run = infer.for_platform(tile_fn)  # what detect() compiles and calls
   sharding = parallel.data_sharding(mesh)
   batch = jax.device_put(np.full((tile_batch, tile_size, tile_size, 3), 200, np.uint8),
                          sharding)
   t0 = time.perf_counter()
-  flops_per_tile = _flops(tile_fn.lower(batch).compile()) / tile_batch
-  jax.block_until_ready(tile_fn(batch))  # compiles the program detect() runs
+  flops_per_tile = _flops(run.lower(batch).compile()) / tile_batch
+  jax.block_until_ready(run(batch))  # compiles the program detect() runs
   compile_s = time.perf_counter() - t0
 
   with slides.Slide(path) as s:
@@ -123,12 +139,18 @@ def measure(path: Path, method: RetinaMethod, variables, cfg, tile_size: int,
   tiles = (len(infer.tile_origins(width, tile_size, tcfg.overlap)) *
            len(infer.tile_origins(height, tile_size, tcfg.overlap)))
   times, n_det = [], 0
+  load_before = os.getloadavg()[0]
+  cpu_s = []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     det = infer.detect(path, tile_fn, tcfg, mesh)
     times.append(time.perf_counter() - t0)
+    cpu_s.append(time.process_time() - c0)
     n_det = len(det)
-  matmul = max(matmul_before, matmul_gflops())
+  after = matmul_gflops()
+  matmul = max(matmul_before[0], after[0])
+  matmul_cpu = max(matmul_before[1], after[1])
+  per_cpu = flops_per_tile * tiles / min(cpu_s) / 1e9
   sec = min(times)
   achieved = flops_per_tile * tiles / sec / 1e9
   out = dict(
@@ -144,11 +166,23 @@ def measure(path: Path, method: RetinaMethod, variables, cfg, tile_size: int,
       compile_s=round(compile_s, 1), detections=n_det,
       device_kind=jax.devices()[0].device_kind, platform=jax.default_backend(),
       device_count=jax.device_count(), cpu_count=os.cpu_count(),
-      xla_flags=os.environ.get("XLA_FLAGS", ""))
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
+      cpu_compiler_options=infer.CPU_COMPILER_OPTIONS,
+      # Other processes on the machine make every figure here slower.
+      load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+      # CPU time of this process over (wall time x cores): 1.0 = it had the
+      # whole machine; less = it waited (for other processes, or idled).
+      cpu_share=[round(c / t / os.cpu_count(), 3) for c, t in zip(cpu_s, times)],
+      # The same ratio per second of CPU time (both sides): a shared machine
+      # slows both down alike, so this is the figure to read when busy.
+      achieved_gflops_per_cpu_s=round(per_cpu, 2),
+      matmul_gflops_per_cpu_s=round(matmul_cpu, 2),
+      fraction_of_matmul_per_cpu_s=round(per_cpu / matmul_cpu, 4))
   if breakdown:
-    compute = _time_calls(tile_fn, batch, 2) / tile_batch
-    anchors_free = jax.jit(lambda t: method.model.apply(variables, t, train=False))
-    model = _time_calls(anchors_free, batch, 2) / tile_batch
+    compute = _time_calls(run, batch, 2) / tile_batch
+    model_only = infer.for_platform(
+        jax.jit(lambda t: method.model.apply(variables, t, train=False)))
+    model = _time_calls(model_only, batch, 2) / tile_batch
     read = _read_seconds_per_tile(path, tcfg, 2 * tile_batch)
     out.update(
         compute_s_per_tile=round(compute, 4), model_s_per_tile=round(model, 4),
@@ -175,15 +209,20 @@ def main(argv=None) -> None:
                  "(default: the config's)")
   p.add_argument("--repeats", type=int, default=1, help="timed images per setting")
   p.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+  p.add_argument("--xla_defaults", action="store_true",
+                 help="compile the detector with XLA's default CPU options "
+                 "(YNNPACK convolutions) instead of infer.CPU_COMPILER_OPTIONS")
   p.add_argument("--quick", action="store_true",
                  help="the small 'quick' model (smoke run)")
   args = p.parse_args(argv)
+  if args.xla_defaults:
+    infer.CPU_COMPILER_OPTIONS = {}
 
   cfg = retina_config.get_config("quick" if args.quick else None)
   if args.backbone:
     cfg.model.backbone = args.backbone
   path = ensure_image(Path(args.data))
-  mesh = parallel.make_mesh()
+  mesh = parallel.local_mesh()
   method = RetinaMethod(cfg)
   # Parameters do not depend on the input size: initialise on a small patch.
   variables = method.init_variables(jax.random.key(cfg.seed, impl="rbg"), 128)

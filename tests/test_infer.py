@@ -237,6 +237,18 @@ def test_detections_do_not_depend_on_the_tile_batch(crops, tiny_model):
     _assert_same(dets[b], dets[1])
 
 
+def test_cpu_compiler_options_do_not_change_detections(crops, tiny_model, monkeypatch):
+  # detect() compiles the detector with infer.CPU_COMPILER_OPTIONS on CPU
+  # (XLA's own convolutions, for speed); XLA's defaults must agree.
+  cfg, tile_fn = tiny_model
+  tuned = infer.detect(crops["300x260"], tile_fn, _tcfg(cfg, 4))
+  monkeypatch.setattr(infer, "CPU_COMPILER_OPTIONS", {})
+  assert infer.for_platform(tile_fn) is tile_fn
+  default = infer.detect(crops["300x260"], tile_fn, _tcfg(cfg, 4))
+  assert len(default) > 10
+  _assert_same(tuned, default)
+
+
 @pytest.mark.parametrize("name", ["301x257", "100x90"])
 def test_odd_and_smaller_than_tile_images(crops, tiny_model, name):
   cfg, tile_fn = tiny_model
@@ -263,7 +275,7 @@ assert jax.device_count() == n, jax.devices()
 cfg = retina.get_config("tiny")
 cfg.model.topk = {topk}
 method = RetinaMethod(cfg)
-mesh = parallel.make_mesh()
+mesh = parallel.local_mesh()
 variables = method.init_variables(jax.random.key(0, impl="rbg"), cfg.data.patch_size)
 variables = parallel.replicate(variables, mesh)
 tile_fn = method.make_tile_fn(variables, cfg.eval.tile_size, 0.0, 25.0)

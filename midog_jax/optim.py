@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import optax
+
+from midog_jax.models import resnet as resnet_lib
 
 
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -62,6 +63,5 @@ def make_optimizer(cfg, total_steps: int, trainable: Any | None = None
     raise ValueError(f"unknown optimizer {cfg.name!r} (adam | sgd)")
   tx = optax.chain(*parts)
   if trainable is not None:
-    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    tx = resnet_lib.freeze(tx, trainable)
   return tx, schedule

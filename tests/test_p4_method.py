@@ -36,6 +36,7 @@ import pytest
 import tifffile
 
 from configs import p4_resnet
+from conftest import train_workdir
 from midog_jax import infer
 from midog_jax.data import slides as slides_lib
 from midog_jax.data.midog import IMPOSTER, MITOSIS
@@ -262,15 +263,10 @@ def test_odd_tiles_are_refused():
 @pytest.fixture(scope="module")
 def workdir(tiny_dataset, tmp_path_factory) -> Path:
   """A tiny P4 workdir trained 3 steps, validated after each (lowest val loss kept)."""
-  w = tmp_path_factory.mktemp("p4") / "work"
-  cmd = [sys.executable, "-m", "midog_jax.main", "--config=configs/p4_resnet.py:tiny",
-         f"--workdir={w}", f"--config.data.root={tiny_dataset}",
-         "--config.total_steps=3", "--config.eval_every=1",
-         "--config.checkpoint_every=3"]
-  r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
-                     timeout=600)
-  assert r.returncode == 0, f"training failed:\n{r.stderr[-4000:]}"
-  return w
+  return train_workdir("configs/p4_resnet.py:tiny", tiny_dataset,
+                       tmp_path_factory.mktemp("p4") / "work",
+                       "--config.total_steps=3", "--config.eval_every=1",
+                       "--config.checkpoint_every=3")
 
 
 def test_training_run_writes_eval_and_keeps_lowest_val_loss(workdir):

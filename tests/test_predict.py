@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from conftest import train_workdir
 from midog_jax import checkpoint as ckpt_lib
 from midog_jax import predict
 from midog_jax.data import slides as slides_lib
@@ -37,15 +38,10 @@ def _env():
 
 @pytest.fixture(scope="module")
 def workdir(tiny_dataset, tmp_path_factory) -> Path:
-  w = tmp_path_factory.mktemp("predict") / "work"
-  cmd = [sys.executable, "-m", "midog_jax.main", "--config=configs/retina.py:tiny",
-         f"--workdir={w}", f"--config.data.root={tiny_dataset}",
-         "--config.total_steps=3", "--config.checkpoint_every=3",
-         "--config.eval_every=1000"]
-  r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
-                     timeout=600)
-  assert r.returncode == 0, f"training failed:\n{r.stderr[-4000:]}"
-  return w
+  return train_workdir("configs/retina.py:tiny", tiny_dataset,
+                       tmp_path_factory.mktemp("predict") / "work",
+                       "--config.total_steps=3", "--config.checkpoint_every=3",
+                       "--config.eval_every=1000")
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,11 @@ from midog_jax.export import Detections
 TileFn = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 
 # XLA options for the tile function on CPU. XLA:CPU hands convolutions to
-# YNNPACK by default; on a 2-core AVX-512 Xeon the ResNet-50 RetinaNet ran
-# 512 px tiles 1.6x slower that way than with XLA's own (Eigen) convolutions,
-# which reach the speed of a large float32 matmul (benchmarks/inference.py).
-# Set to {} to keep XLA's defaults. Ignored on other platforms.
+# YNNPACK by default; on a 2-core AVX-512 Xeon the ResNet-50 RetinaNet took
+# 188 s per 7215x5412 image that way (51% of a float32 matmul's FLOP/s) and
+# 138 s with XLA's own (Eigen) convolutions (75-83%); compute alone, tile
+# batches ran 1.4-1.6x faster (benchmarks/inference.py). Set to {} to keep
+# XLA's defaults. Ignored on other platforms.
 CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

@@ -46,14 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # ``configs`` is a top-level folder
-  sys.path.insert(0, str(REPO))
-
-from configs import retina as retina_config  # noqa: E402
-from midog_jax import infer, parallel  # noqa: E402
+from midog_jax import detectors, infer, parallel  # noqa: E402
+from midog_jax.configs import retina as retina_config  # noqa: E402
 from midog_jax.data import slides, synthetic  # noqa: E402
-from midog_jax.methods.retina import RetinaMethod  # noqa: E402
 
 
 def _flops(compiled) -> float:
@@ -117,14 +112,13 @@ def _read_seconds_per_tile(path: Path, tcfg: infer.TileConfig, n: int) -> float:
     return (time.perf_counter() - t0) / len(grid)
 
 
-def measure(path: Path, method: RetinaMethod, variables, cfg, tile_size: int,
+def measure(path: Path, method, variables, cfg, tile_size: int,
             tile_batch: int, mesh, repeats: int, breakdown: bool,
             matmul_before: float) -> dict:
   tcfg = infer.TileConfig(tile_size=tile_size, overlap=cfg.eval.tile_overlap,
                           tile_batch=tile_batch, merge_radius=cfg.eval.merge_radius_px,
                           score_thresh=cfg.eval.score_thresh)
-  tile_fn = method.make_tile_fn(variables, tile_size, tcfg.score_thresh,
-                                tcfg.merge_radius)
+  tile_fn = method.make_tile_fn(variables, tcfg.score_thresh)
   run = infer.for_platform(tile_fn)  # what detect() compiles and calls
   sharding = parallel.data_sharding(mesh)
   batch = jax.device_put(np.full((tile_batch, tile_size, tile_size, 3), 200, np.uint8),
@@ -223,9 +217,10 @@ def main(argv=None) -> None:
     cfg.model.backbone = args.backbone
   path = ensure_image(Path(args.data))
   mesh = parallel.local_mesh()
-  method = RetinaMethod(cfg)
   # Parameters do not depend on the input size: initialise on a small patch.
-  variables = method.init_variables(jax.random.key(cfg.seed, impl="rbg"), 128)
+  cfg.data.patch_size = 128
+  method = detectors.build(cfg)
+  variables = method.init_variables(jax.random.key(cfg.seed, impl="rbg"))
   variables = parallel.replicate(variables, mesh)
   matmul_before = matmul_gflops()
   for tile_size in _ints(args.tile_size) or [cfg.eval.tile_size]:

@@ -10,7 +10,7 @@ Layout under ``workdir/checkpoints``:
 each save to a temporary folder and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact.
 
-Resume order (DESIGN.md): the workdir's latest checkpoint, else
+Resume order: the workdir's latest checkpoint, else
 ``config.init_from`` (params only: an orbax checkpoint, a workdir, or a
 ``.safetensors`` file), else scratch.
 """

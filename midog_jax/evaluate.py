@@ -6,8 +6,8 @@ Usage::
       [--images DIR] [--truth EXTRA_TRUTH.json] [--split all] [--threshold T]
 
 ``OUTDIR/<stem>.json`` holds one challenge-format prediction file per image
-(see :mod:`midog_jax.export`). The protocol (DESIGN.md, "The evaluation
-protocol"): points in millimetres, greedy matching in ground-truth order within
+(written by :mod:`midog_jax.export`, read here). The protocol (the organisers'
+evaluation code): points in millimetres, greedy matching in ground-truth order within
 7.5 um (:func:`midog_jax.metrics.match`), counts summed over cases and F1
 computed once from the sums. Imposters are not truth; points named
 "non-mitotic figure" are ignored. Prints one JSON object with ``tp, fp, fn,
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,10 +27,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from midog_jax import export
 from midog_jax import metrics
 from midog_jax.data import midog
+from midog_jax.detections import CHALLENGE_NAMES, CLASS_OF_NAME, MITOSIS, Detections
 from midog_jax.errors import DataError
+from midog_jax.fileio import write_json_atomic
 
 MAX_SWEEP_THRESHOLDS = 512
 SPLITS = ("all", "train", "val", "test", "heldout")
@@ -40,8 +42,8 @@ SPLITS = ("all", "train", "val", "test", "heldout")
 
 
 def _as_xy_scores(value, image_id) -> tuple[np.ndarray, np.ndarray]:
-  """(xy (N, 2), scores (N,)) from a tuple or :class:`export.Detections`."""
-  if isinstance(value, export.Detections):
+  """(xy (N, 2), scores (N,)) from a tuple or :class:`detections.Detections`."""
+  if isinstance(value, Detections):
     value = value.mitotic()
     return value.xy.astype(np.float64), value.scores.astype(np.float64)
   xy, scores = value
@@ -82,7 +84,7 @@ def _collect(cases: Sequence[midog.Case], preds: Mapping, allow_missing: bool,
   out = []
   for c in labeled:
     if c.image_id in preds:
-      if not to_mm and isinstance(preds[c.image_id], export.Detections):
+      if not to_mm and isinstance(preds[c.image_id], Detections):
         raise TypeError("Detections are in pixels; use evaluate_points")
       xy, scores = _as_xy_scores(preds[c.image_id], c.image_id)
       if to_mm:
@@ -114,7 +116,7 @@ def evaluate_points(cases: Sequence[midog.Case], preds: Mapping[int, object],
   Args:
     cases: cases to evaluate; unlabelled ones are skipped.
     preds: image_id -> ``(xy_px (N, 2), scores (N,))`` (or a
-      :class:`export.Detections`, whose non-mitotic points are dropped).
+      :class:`detections.Detections`, whose non-mitotic points are dropped).
       Each case's ``spacing_um`` converts pixels to millimetres.
     threshold: predictions with score below it are dropped.
     allow_missing: count a labelled case without predictions as having none
@@ -251,14 +253,76 @@ def threshold_sweep(cases: Sequence[midog.Case], preds: Mapping[int, object],
 # Files: spacing from TIFF tags, prediction folders.
 
 
+def _is_number(v) -> bool:
+  return (isinstance(v, (int, float)) and not isinstance(v, bool)
+          and math.isfinite(v))
+
+
+def from_challenge_json(path: str | os.PathLike
+                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """Reads a challenge-format prediction file.
+
+  Returns:
+    ``(xy_mm (N, 2) float64, probabilities (N,) float64, names)``.
+    As in the organisers' reader, a point without ``name`` counts as a
+    "mitotic figure" and one without ``probability`` gets 0.5 (the 2021 format
+    had neither field).
+
+  Raises:
+    DataError naming the file: unreadable JSON, no ``points`` list, a point
+    without a 2- or 3-number ``point``, non-finite numbers, unknown names, or
+    a ``type`` other than "Multiple points".
+  """
+  path = Path(path)
+  try:
+    with open(path, "rb") as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    raise DataError(path, "prediction file not found") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(path, f"malformed JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise DataError(path, "expected a JSON object with a 'points' list")
+  if "type" in data and data["type"] != "Multiple points":
+    raise DataError(path, f"type must be 'Multiple points', got {data['type']!r}")
+  if "points" not in data:
+    raise DataError(path, "missing key 'points'")
+  if not isinstance(data["points"], list):
+    raise DataError(path, "'points' must be a list")
+  xy, probs, names = [], [], []
+  for i, p in enumerate(data["points"]):
+    if not isinstance(p, dict):
+      raise DataError(path, f"points[{i}] is not an object")
+    if "point" not in p:
+      raise DataError(path, f"points[{i}] is missing key 'point'")
+    pt = p["point"]
+    if (not isinstance(pt, list) or len(pt) not in (2, 3)
+        or not all(_is_number(v) for v in pt)):
+      raise DataError(path, f"points[{i}].point must be 2 or 3 finite numbers, "
+                      f"got {pt!r}")
+    prob = p.get("probability", 0.5)
+    if not _is_number(prob):
+      raise DataError(path, f"points[{i}].probability must be a finite number, "
+                      f"got {prob!r}")
+    name = p.get("name", CHALLENGE_NAMES[MITOSIS])
+    if name not in CLASS_OF_NAME:
+      raise DataError(path, f"points[{i}].name {name!r} is not one of "
+                      f"{sorted(CLASS_OF_NAME)}")
+    xy.append(pt[:2])
+    probs.append(prob)
+    names.append(name)
+  return (np.asarray(xy, np.float64).reshape(-1, 2),
+          np.asarray(probs, np.float64).reshape(-1), names)
+
+
 def _tiff_spacing_um(path: Path) -> float | None:
   """Microns per pixel from a TIFF's resolution tags (None when absent)."""
   import tifffile  # pylint: disable=g-import-not-at-top
 
-  from midog_jax.data import slides  # pylint: disable=g-import-not-at-top
+  from midog_jax.data import tiff_meta  # pylint: disable=g-import-not-at-top
   try:
     with tifffile.TiffFile(path) as tif:
-      return slides.spacing_from_tags(tif)
+      return tiff_meta.spacing_from_tags(tif)
   except (OSError, ValueError, tifffile.TiffFileError) as e:
     raise DataError(path, f"cannot read TIFF resolution tags ({e})") from None
 
@@ -300,8 +364,8 @@ def load_prediction_dir(outdir: str | os.PathLike, cases: Sequence[midog.Case],
     if not f.exists():
       missing.append(f.name)
       continue
-    xy, probs, names = export.from_challenge_json(f)
-    mitotic = np.array([n == export.CHALLENGE_NAMES[export.MITOTIC] for n in names],
+    xy, probs, names = from_challenge_json(f)
+    mitotic = np.array([n == CHALLENGE_NAMES[MITOSIS] for n in names],
                        bool).reshape(-1)
     preds[c.image_id] = (xy[mitotic], probs[mitotic])
   if missing and not allow_missing:
@@ -404,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if args.output:
-    export.write_json_atomic(result, args.output)
+    write_json_atomic(result, args.output)
   print(json.dumps(result))
   return 0
 

@@ -24,17 +24,13 @@ import dataclasses
 from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy.spatial import cKDTree
 
 from midog_jax import parallel
 from midog_jax.data import slides as slides_lib
-from midog_jax.export import Detections
-
-# (tiles float32 (B, T, T, 3)) -> (points (B, K, 2) in tile px, scores (B, K),
-# classes (B, K), valid (B, K)); jitted by the caller's model code.
-TileFn = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
+from midog_jax.detections import Detections
+from midog_jax.detectors.interface import TileFn
 
 # XLA options for the tile function on CPU. XLA:CPU hands convolutions to
 # YNNPACK by default; on a 2-core AVX-512 Xeon the ResNet-50 RetinaNet took
@@ -56,11 +52,6 @@ def for_platform(tile_fn: TileFn) -> TileFn:
   return jax.jit(tile_fn, compiler_options=dict(CPU_COMPILER_OPTIONS))
 
 
-def to_model_input(images_uint8: jax.Array) -> jax.Array:
-  """uint8 RGB -> float32 roughly zero-mean, unit-scale (train and infer alike)."""
-  return (images_uint8.astype(jnp.float32) / 255.0 - 0.5) / 0.25
-
-
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
   """How whole images are tiled."""
@@ -71,18 +62,19 @@ class TileConfig:
   merge_radius: float = 25.0
   score_thresh: float = 0.05
   # Extra pixels read on every side of each tile, for dense VALID networks
-  # whose output shrinks by their receptive field (seed 001's P4 ResNet): the
+  # whose output shrinks by their receptive field (the P4 ResNet): the
   # tile_fn gets (tile_size + 2 * context)-px tiles, returns points in those
   # tiles' coordinates, and ``detect`` subtracts ``context``. Ownership and
-  # the tile grid are those of the unpadded tiles.
+  # the tile grid are those of the unpadded tiles. Set from the detector's
+  # ``tile_context``.
   context: int = 0
 
   @classmethod
-  def from_config(cls, cfg) -> "TileConfig":
+  def from_config(cls, cfg, context: int = 0) -> "TileConfig":
+    """From ``config.eval``; ``context`` is the detector's ``tile_context``."""
     return cls(tile_size=cfg.tile_size, overlap=cfg.tile_overlap,
                tile_batch=cfg.tile_batch, merge_radius=cfg.merge_radius_px,
-               score_thresh=cfg.score_thresh,
-               context=int(cfg.get("tile_context", 0)))
+               score_thresh=cfg.score_thresh, context=int(context))
 
 
 def tile_origins(length: int, tile: int, overlap: int) -> np.ndarray:
@@ -92,11 +84,7 @@ def tile_origins(length: int, tile: int, overlap: int) -> np.ndarray:
   """
   if overlap >= tile:
     raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
-  if length <= tile:
-    return np.zeros(1, np.int64)
-  stride = tile - overlap
-  starts = list(range(0, length - tile, stride)) + [length - tile]
-  return np.asarray(sorted(set(starts)), np.int64)
+  return slides_lib.grid_origins(length, tile, tile - overlap)
 
 
 def _ownership_bounds(origins: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +149,7 @@ def detect(source, tile_fn: TileFn, cfg: TileConfig, mesh=None) -> Detections:
   Args:
     source: a ``slides.Slide``, a path, or an (H, W, 3) uint8 array.
     tile_fn: jitted per-tile detector (see ``TileFn``); it receives uint8
-      tiles and does its own ``to_model_input``.
+      tiles and does its own normalisation.
     cfg: tiling settings.
     mesh: device mesh (default: this process's devices, ``local_mesh``).
   """

@@ -1,6 +1,6 @@
 """The MIDOG challenge's detection metric (matching and pooled F1).
 
-Facts from the organisers' evaluation code (DESIGN.md): points in millimetres;
+Facts from the organisers' evaluation code: points in millimetres;
 for each case, ground-truth mitotic figures are taken in order and each claims
 the nearest not-yet-claimed prediction within 7.5 um. Unclaimed truth is FN,
 unclaimed predictions FP (so duplicates of one figure are FPs). Counts are

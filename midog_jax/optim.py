@@ -1,7 +1,7 @@
 """Optimisers and learning-rate schedules from the seeds.
 
-* seed 000: Adam, constant learning rate 1e-4;
-* seed 001: SGD with momentum, cosine *cyclic* learning rate (cosine decay
+* RetinaNet (Sheta's MIDOG 2021 report): Adam, constant learning rate 1e-4;
+* P4 ResNet (Lafarge & Koelzer, MIDOG 2022): SGD with momentum, cosine *cyclic* learning rate (cosine decay
   restarted every ``cycle_steps``), weight decay.
 Frozen parameters (``trainable_backbone_layers``) get exactly zero updates
 and no optimizer state work through ``optax.multi_transform``.
@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
-
-from midog_jax.models import resnet as resnet_lib
 
 
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -63,5 +62,17 @@ def make_optimizer(cfg, total_steps: int, trainable: Any | None = None
     raise ValueError(f"unknown optimizer {cfg.name!r} (adam | sgd)")
   tx = optax.chain(*parts)
   if trainable is not None:
-    tx = resnet_lib.freeze(tx, trainable)
+    tx = freeze(tx, trainable)
   return tx, schedule
+
+
+def freeze(tx: optax.GradientTransformation, mask: Any
+           ) -> optax.GradientTransformation:
+  """``tx`` on the trainable leaves, exactly zero updates on the frozen ones.
+
+  (``optax.masked(tx, mask)`` alone is not enough: it passes the raw gradient
+  through as the update of masked-out leaves.)
+  """
+  labels = jax.tree_util.tree_map(lambda m: "train" if m else "frozen", mask)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               labels)

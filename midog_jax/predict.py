@@ -7,10 +7,10 @@ Usage::
       [--formats json,geojson,csv] [--overlays] [--checkpoint best|latest]
 
 Several workdirs (``--workdir A --workdir B`` or ``--workdir A,B``) make an
-ensemble by agreement (seed 001's final submission): a detection of the first
+ensemble by agreement (Lafarge & Koelzer's final submission): a detection of the first
 model is kept when every other model has a detection of the same class within
 the MIDOG matching radius (7.5 um in the image's pixels), each model having
-applied its own threshold first; see :func:`combine`.
+applied its own threshold first; see :func:`midog_jax.ensemble.combine`.
 
 Writes ``OUT/<stem>.json`` (the MIDOG "Multiple points" format, millimetres)
 for every image, plus ``<stem>.geojson`` (QuPath, pixels), ``<stem>.csv`` and
@@ -43,13 +43,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from midog_jax import export
+from midog_jax import ensemble, export
 from midog_jax.data import slides as slides_lib
+from midog_jax.detections import Detections
 from midog_jax.errors import DataError
+from midog_jax.fileio import write_json_atomic
 
 FORMATS = ("json", "geojson", "csv")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -69,24 +71,18 @@ class Predictor:
     config: its config (``config.json``).
     threshold: score a detection needs to be written (the checkpoint's
       F1-best threshold unless overridden).
-    tile_cfg: whole-image tiling settings.
-    tile_fn: the jitted per-tile detector.
-    mesh: device mesh the tiles are sharded over.
+    tiler: the detector's tile function with its tiling
+      (``evaluation.Tiler``).
   """
 
   workdir: Path
   config: object
   threshold: float
-  tile_cfg: object
-  tile_fn: Callable
-  mesh: object
+  tiler: object
 
-  def detect(self, slide: slides_lib.Slide) -> export.Detections:
+  def detect(self, slide: slides_lib.Slide) -> Detections:
     """Detections on one image scoring at least ``self.threshold`` (pixels)."""
-    from midog_jax import infer  # pylint: disable=g-import-not-at-top
-    dets = infer.detect(slide, self.tile_fn, self.tile_cfg, self.mesh)
-    keep = dets.scores >= self.threshold  # ">=" as in the training sweep
-    return export.Detections(dets.xy[keep], dets.scores[keep], dets.classes[keep])
+    return self.tiler.detect(slide).above(self.threshold)  # ">=" as in the sweep
 
 
 def load_config(workdir: str | os.PathLike, meta: dict | None = None):
@@ -123,10 +119,8 @@ def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
   Raises:
     DataError: no workdir, no checkpoint, or no config.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-
   from midog_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from midog_jax import infer, methods, parallel  # pylint: disable=g-import-not-at-top
+  from midog_jax import detectors, evaluation  # pylint: disable=g-import-not-at-top
 
   if not os.fspath(workdir):  # Path("") would silently mean the current folder
     raise DataError(None, "empty --workdir")
@@ -148,80 +142,21 @@ def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
     threshold = float(meta["threshold"])
   if not math.isfinite(threshold):
     raise ValueError(f"threshold must be finite, got {threshold}")
-  method = methods.build(config)
-  mesh = parallel.local_mesh()
-  tile_cfg = infer.TileConfig.from_config(config.eval)
+  detector = detectors.build(config)
   # Candidates below the output threshold would be dropped anyway; a threshold
-  # under the training-time candidate cut-off must lower it, or "--threshold 0"
+  # under the training-time candidate cut-off lowers it, or "--threshold 0"
   # would silently still mean eval.score_thresh.
-  score_thresh = min(tile_cfg.score_thresh, threshold)
-  # The tile batch is sharded over every device, so it must divide evenly.
-  n_dev = mesh.devices.size
-  tile_batch = -(-tile_cfg.tile_batch // n_dev) * n_dev
-  tile_cfg = dataclasses.replace(tile_cfg, score_thresh=score_thresh,
-                                 tile_batch=tile_batch)
-  variables = jax.device_put(variables, parallel.replicated(mesh))
-  tile_fn = method.make_tile_fn(variables, tile_cfg.tile_size, score_thresh,
-                                tile_cfg.merge_radius)
-  return Predictor(workdir=workdir, config=config, threshold=threshold,
-                   tile_cfg=tile_cfg, tile_fn=tile_fn, mesh=mesh)
+  tiler = evaluation.make_tiler(detector, variables, config, score_thresh=threshold)
+  return Predictor(workdir=workdir, config=config, threshold=threshold, tiler=tiler)
 
 
 def detect_image(predictors: Sequence[Predictor], slide: slides_lib.Slide
-                 ) -> list[export.Detections]:
+                 ) -> list[Detections]:
   """One ``Detections`` per predictor (workdir) for one image.
 
   The hook for ensembles: combine the list (e.g. by agreement) before output.
   """
   return [p.detect(slide) for p in predictors]
-
-
-def combine(per_model: Sequence[export.Detections],
-            radius_px: float | None = None) -> export.Detections:
-  """The detections to write from the members' detections of one image.
-
-  One member: its detections, unchanged. Several: agreement (seed 001). The
-  first member's detections are taken in decreasing score order; each
-  claims, in every other member, the nearest not-yet-claimed detection of
-  the same class within ``radius_px`` (inclusive; the MIDOG greedy matching,
-  so one detection never vouches for two). A detection matched in every
-  member is kept, at the mean position of the matched points with the mean
-  of their probabilities; the rest are dropped. The output is in the first
-  member's score order.
-
-  Args:
-    per_model: one ``Detections`` per member, each already thresholded.
-    radius_px: the matching radius in pixels (``7.5 / spacing_um``);
-      required for several members.
-  """
-  if not per_model:
-    raise ValueError("combine needs at least one model's detections")
-  if len(per_model) == 1:
-    return per_model[0]
-  if radius_px is None or not radius_px > 0:
-    raise ValueError(f"an ensemble needs a positive matching radius, got {radius_px}")
-  from midog_jax import metrics  # pylint: disable=g-import-not-at-top
-  first = per_model[0]
-  order = np.argsort(-first.scores, kind="stable")
-  xy = first.xy[order].astype(np.float64)
-  classes = first.classes[order]
-  agree = np.ones(len(order), bool)
-  sum_xy, sum_p = xy.copy(), first.scores[order].astype(np.float64)
-  for other in per_model[1:]:
-    for c in np.unique(classes):
-      mine = np.flatnonzero(classes == c)
-      theirs = np.flatnonzero(other.classes == c)
-      # metrics.match: "truth" (ours, in score order) claims "predictions".
-      _, assigned = metrics.match(xy[mine], other.xy[theirs], radius_px)
-      got = np.full(len(mine), -1, np.int64)
-      hit = assigned >= 0
-      got[assigned[hit]] = theirs[hit]
-      ok = got >= 0
-      agree[mine[~ok]] = False
-      sum_xy[mine[ok]] += other.xy[got[ok]]
-      sum_p[mine[ok]] += other.scores[got[ok]]
-  n = len(per_model)
-  return export.Detections(sum_xy[agree] / n, sum_p[agree] / n, classes[agree])
 
 
 # ----------------------------------------------------------------------------
@@ -256,7 +191,7 @@ def output_paths(out: Path, stem: str, formats: Sequence[str], overlays: bool
   return {k: out / f"{stem}{suffix[k]}" for k in kinds}
 
 
-def write_outputs(dets: export.Detections, spacing_um: float, paths: dict[str, Path],
+def write_outputs(dets: Detections, spacing_um: float, paths: dict[str, Path],
                   slide: slides_lib.Slide | None = None) -> None:
   """Writes every requested output of one image; all or none of them.
 
@@ -267,9 +202,9 @@ def write_outputs(dets: export.Detections, spacing_um: float, paths: dict[str, P
   try:
     for kind, path in paths.items():
       if kind == "json":
-        export.write_json_atomic(export.to_challenge_json(dets, spacing_um), path)
+        write_json_atomic(export.to_challenge_json(dets, spacing_um), path)
       elif kind == "geojson":
-        export.write_json_atomic(export.to_geojson(dets), path)
+        write_json_atomic(export.to_geojson(dets), path)
       elif kind == "csv":
         export.to_csv(dets, path, spacing_um)
       elif kind == "png":
@@ -323,7 +258,7 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
 
   Args:
     workdir: trained workdir, or several (a list or a comma-separated
-      string) for an ensemble by agreement (see :func:`combine`).
+      string) for an ensemble by agreement (see :func:`ensemble.combine`).
     images: TIFF files and/or folders (every ``*.tif``/``*.tiff`` inside).
     out: output folder (created).
     threshold: output threshold (default: the checkpoint's F1-best one); in
@@ -369,7 +304,7 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
       with slides_lib.Slide(path) as slide:
         spacing = _spacing(slide, spacing_um)
         # The matching radius (7.5 um) in this image's pixels.
-        dets = combine(detect_image(predictors, slide), radius_px=7.5 / spacing)
+        dets = ensemble.combine(detect_image(predictors, slide), radius_px=7.5 / spacing)
         paths = output_paths(out, stem, formats, overlays)
         write_outputs(dets, spacing, paths, slide)
       sources[stem] = path

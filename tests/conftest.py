@@ -1,4 +1,7 @@
-"""Shared fixtures: the real annotation files and a generated tiny dataset."""
+"""Shared fixtures: the real annotation files and a generated tiny dataset.
+
+Plain helper functions (subprocess runs) are in ``support.py``.
+"""
 
 from __future__ import annotations
 
@@ -37,24 +40,3 @@ def tiny_dataset(tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("tiny")
   synthetic.generate(out, preset="tiny", seed=0, workers=1)
   return out
-
-
-def cpu_env(devices: int = 1) -> dict:
-  """Environment for a CPU subprocess with ``devices`` emulated devices."""
-  import os as _os
-  env = dict(_os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
-def train_workdir(config_arg: str, data: Path, workdir: Path, *overrides: str) -> Path:
-  """Trains a workdir through the real CLI (``python -m midog_jax.main``)."""
-  import subprocess
-  import sys
-  cmd = [sys.executable, "-m", "midog_jax.main", f"--config={config_arg}",
-         f"--workdir={workdir}", f"--config.data.root={data}", *overrides]
-  r = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True,
-                     timeout=600)
-  assert r.returncode == 0, f"training failed:\n{r.stderr[-4000:]}"
-  return workdir

@@ -1,4 +1,4 @@
-"""Ensemble by agreement (seed 001): ``predict.combine`` and the multi-workdir CLI.
+"""Ensemble by agreement (Lafarge & Koelzer, MIDOG 2022): ``ensemble.combine`` and the multi-workdir CLI.
 
 The end-to-end case trains two tiny RetinaNet workdirs (3 steps, different
 seeds) through ``python -m midog_jax.main`` and runs ``python -m
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,27 +16,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from midog_jax import export, predict
+from midog_jax import ensemble, export, predict
+from support import REPO, cpu_env
+from midog_jax.detections import CHALLENGE_NAMES, Detections
 from midog_jax.data import slides as slides_lib
 
-REPO = Path(__file__).resolve().parents[1]
+# One worker for the module: its tests share a trained workdir fixture.
 pytestmark = pytest.mark.xdist_group("ensemble")
 
 
 def _dets(xy, p, classes=None):
-  return export.Detections(np.asarray(xy, np.float32), np.asarray(p, np.float32), classes)
+  return Detections(np.asarray(xy, np.float32), np.asarray(p, np.float32), classes)
 
 
 def test_agreement_keeps_matched_points_at_their_mean():
   a = _dets([[100, 100], [200, 200], [300, 50]], [0.9, 0.8, 0.6])
   b = _dets([[104, 103], [260, 200], [301, 50]], [0.7, 0.9, 0.4])
-  out = predict.combine([a, b], radius_px=30.0)
+  out = ensemble.combine([a, b], radius_px=30.0)
   # (200, 200) has nothing of b within 30 px: dropped. Order: a's scores.
   np.testing.assert_allclose(out.xy, [[102, 101.5], [300.5, 50]])
   np.testing.assert_allclose(out.scores, [0.8, 0.5])
   assert list(out.classes) == [1, 1]
   # Agreement is symmetric in which points survive (here), not in order.
-  back = predict.combine([b, a], radius_px=30.0)
+  back = ensemble.combine([b, a], radius_px=30.0)
   np.testing.assert_allclose(back.xy, [[102, 101.5], [300.5, 50]])
 
 
@@ -45,22 +46,22 @@ def test_radius_is_inclusive_and_sharp():
   a = _dets([[100, 100]], [0.6])
   on = _dets([[118, 124]], [0.2])  # 3-4-5: exactly 30 px away
   off = _dets([[118, 124.05]], [0.2])
-  assert len(predict.combine([a, on], radius_px=30.0)) == 1
-  assert len(predict.combine([a, off], radius_px=30.0)) == 0
-  assert len(predict.combine([a, off], radius_px=30.1)) == 1
+  assert len(ensemble.combine([a, on], radius_px=30.0)) == 1
+  assert len(ensemble.combine([a, off], radius_px=30.0)) == 0
+  assert len(ensemble.combine([a, off], radius_px=30.1)) == 1
 
 
 def test_one_point_vouches_for_one_detection_and_every_member_must_agree():
   a = _dets([[100, 100], [110, 100]], [0.5, 0.9])
   b = _dets([[105, 100]], [0.7])
-  out = predict.combine([a, b], radius_px=30.0)
+  out = ensemble.combine([a, b], radius_px=30.0)
   # Both of a's points are near b's one; the higher-scoring one claims it.
   np.testing.assert_allclose(out.xy, [[107.5, 100]])
   np.testing.assert_allclose(out.scores, [0.8])
   c = _dets([[400, 400]], [0.9])
-  assert len(predict.combine([a, b, c], radius_px=30.0)) == 0
+  assert len(ensemble.combine([a, b, c], radius_px=30.0)) == 0
   c = _dets([[100, 104]], [0.3])
-  out = predict.combine([a, b, c], radius_px=30.0)
+  out = ensemble.combine([a, b, c], radius_px=30.0)
   np.testing.assert_allclose(out.scores, [(0.9 + 0.7 + 0.3) / 3], rtol=1e-6)
   np.testing.assert_allclose(out.xy, [[(110 + 105 + 100) / 3, 104 / 3 + 200 / 3]])
 
@@ -68,33 +69,28 @@ def test_one_point_vouches_for_one_detection_and_every_member_must_agree():
 def test_classes_match_only_their_own_class():
   a = _dets([[100, 100], [300, 300]], [0.9, 0.8], [1, 2])
   b = _dets([[101, 100], [301, 300]], [0.9, 0.8], [2, 2])
-  out = predict.combine([a, b], radius_px=30.0)
+  out = ensemble.combine([a, b], radius_px=30.0)
   assert list(out.classes) == [2]
   np.testing.assert_allclose(out.xy, [[300.5, 300]])
 
 
 def test_single_member_and_bad_calls():
   a = _dets([[1, 2]], [0.5])
-  assert predict.combine([a]) is a
-  assert predict.combine([a], radius_px=30.0) is a
+  assert ensemble.combine([a]) is a
+  assert ensemble.combine([a], radius_px=30.0) is a
   empty = _dets(np.zeros((0, 2)), [])
-  assert len(predict.combine([a, empty], radius_px=30.0)) == 0
-  assert len(predict.combine([empty, a], radius_px=30.0)) == 0
+  assert len(ensemble.combine([a, empty], radius_px=30.0)) == 0
+  assert len(ensemble.combine([empty, a], radius_px=30.0)) == 0
   with pytest.raises(ValueError, match="radius"):
-    predict.combine([a, a])
+    ensemble.combine([a, a])
   with pytest.raises(ValueError, match="at least one"):
-    predict.combine([])
+    ensemble.combine([])
 
 
 # ----------------------------------------------------------------------------
 # End to end.
 
 
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +104,7 @@ def workdirs(tiny_dataset, tmp_path_factory) -> list[Path]:
            f"--workdir={w}", f"--config.data.root={tiny_dataset}", f"--config.seed={seed}",
            "--config.total_steps=3", "--config.checkpoint_every=3",
            "--config.eval_every=1000"]
-    runs.append((w, subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    runs.append((w, subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)))
   for w, proc in runs:
     _, err = proc.communicate(timeout=600)
@@ -116,15 +112,16 @@ def workdirs(tiny_dataset, tmp_path_factory) -> list[Path]:
   return [w for w, _ in runs]
 
 
-def _read_csv(path: Path) -> export.Detections:
+def _read_csv(path: Path) -> Detections:
   with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
-  names = {v: k for k, v in export.CHALLENGE_NAMES.items()}
-  return export.Detections([[float(r["x_px"]), float(r["y_px"])] for r in rows],
+  names = {v: k for k, v in CHALLENGE_NAMES.items()}
+  return Detections([[float(r["x_px"]), float(r["y_px"])] for r in rows],
                            [float(r["probability"]) for r in rows],
                            [names[r["name"]] for r in rows])
 
 
+@pytest.mark.e2e
 def test_cli_ensemble_agrees_with_each_member(workdirs, tiny_dataset, tmp_path):
   image = tiny_dataset / "001.tiff"
   spacing = slides_lib.Slide(image).spacing_um
@@ -139,7 +136,7 @@ def test_cli_ensemble_agrees_with_each_member(workdirs, tiny_dataset, tmp_path):
   cmd = [sys.executable, "-m", "midog_jax.predict", "--workdir", str(workdirs[0]),
          "--workdir", str(workdirs[1]), "--images", str(image), "--out", str(out),
          "--threshold", "0", "--formats", "json,csv"]
-  r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+  r = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.strip().splitlines()[-1].startswith("done: 1 of 1 images written")
@@ -155,7 +152,7 @@ def test_cli_ensemble_agrees_with_each_member(workdirs, tiny_dataset, tmp_path):
     d = np.sqrt(((ens.xy[:, None] - s.xy[None]) ** 2).sum(-1))
     assert np.all(d.min(1) <= radius + 1e-3)
   # Exactly the agreement of the members' own outputs.
-  want = predict.combine(singles, radius_px=radius)
+  want = ensemble.combine(singles, radius_px=radius)
   np.testing.assert_allclose(ens.xy, want.xy, atol=1e-3)
   np.testing.assert_allclose(ens.scores, want.scores, atol=1e-6)
 

@@ -16,6 +16,8 @@ import tifffile
 
 from midog_jax import evaluate
 from midog_jax import export
+from midog_jax.detections import Detections
+from midog_jax.fileio import write_json_atomic
 from midog_jax import metrics
 from midog_jax.data.midog import Case
 from midog_jax.errors import DataError
@@ -136,7 +138,7 @@ def test_per_domain_is_pooled_within_domain():
 def test_non_mitotic_points_are_ignored():
   # A "non-mitotic figure" point on the figure neither matches it (FN stays)
   # nor counts as a false positive.
-  dets = export.Detections(xy=[[100, 100], [600, 600]], scores=[0.9, 0.9],
+  dets = Detections(xy=[[100, 100], [600, 600]], scores=[0.9, 0.9],
                            classes=[2, 2])
   r = evaluate.evaluate_points([_case(mitoses=[[100, 100]])], {1: dets})
   assert _counts(r) == (0, 0, 1)
@@ -234,13 +236,13 @@ def _write_preds(outdir: Path):
   outdir.mkdir(exist_ok=True)
   # Case 1 (0.23 um/px): on the figure (TP), on the imposter (FP), a
   # non-mitotic point on the figure (ignored).
-  d1 = export.Detections(xy=[[1000, 1000], [1500, 1500], [1000, 1000]],
+  d1 = Detections(xy=[[1000, 1000], [1500, 1500], [1000, 1000]],
                          scores=[0.9, 0.8, 0.9], classes=[1, 1, 2])
-  export.write_json_atomic(export.to_challenge_json(d1, 0.23), outdir / "001.json")
+  write_json_atomic(export.to_challenge_json(d1, 0.23), outdir / "001.json")
   # Case 101 (0.25 um/px): on figure (200,200) 10 px away (TP), (800,800)
   # missed (FN), a weak far-away point (FP with probability 0.1).
-  d2 = export.Detections(xy=[[210, 200], [1500, 100]], scores=[0.7, 0.1])
-  export.write_json_atomic(export.to_challenge_json(d2, 0.25), outdir / "101.json")
+  d2 = Detections(xy=[[210, 200], [1500, 100]], scores=[0.7, 0.1])
+  write_json_atomic(export.to_challenge_json(d2, 0.25), outdir / "101.json")
 
 
 def test_cli_end_to_end(tmp_path):
@@ -305,8 +307,8 @@ def test_cli_spacing_from_tiff_tags_and_extra_truth(tmp_path, capsys):
                    resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
   preds = tmp_path / "preds"
   _write_preds(preds)
-  d1 = export.Detections(xy=[[1000, 1000]], scores=[0.9])
-  export.write_json_atomic(export.to_challenge_json(d1, 0.5), preds / "001.json")
+  d1 = Detections(xy=[[1000, 1000]], scores=[0.9])
+  write_json_atomic(export.to_challenge_json(d1, 0.5), preds / "001.json")
   args = ["--annotations", str(ann), "--predictions", str(preds)]
   assert evaluate.main(args + ["--images", str(images), "--allow-missing"]) == 0
   r = json.loads(capsys.readouterr().out)
@@ -344,8 +346,8 @@ def test_cli_extra_truth_and_heldout_split(tmp_path, capsys):
   preds = tmp_path / "preds"
   preds.mkdir()
   for i, xy in ((1, [100, 100]), (2, [300, 300])):
-    export.write_json_atomic(export.to_challenge_json(
-        export.Detections(xy=[xy], scores=[0.5]), 0.25), preds / f"{i:03d}.json")
+    write_json_atomic(export.to_challenge_json(
+        Detections(xy=[xy], scores=[0.5]), 0.25), preds / f"{i:03d}.json")
   args = ["--annotations", str(ann), "--predictions", str(preds)]
   assert evaluate.main(args) == 0
   r = json.loads(capsys.readouterr().out)

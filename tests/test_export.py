@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from midog_jax import export
+from midog_jax import evaluate, export
+from midog_jax.detections import Detections
 from midog_jax.errors import DataError
+from midog_jax.fileio import atomic_output, write_json_atomic
 
 
 def _dets():
-  return export.Detections(xy=[[100.0, 200.0], [4000.5, 10.0]], scores=[0.9, 0.25],
+  return Detections(xy=[[100.0, 200.0], [4000.5, 10.0]], scores=[0.9, 0.25],
                            classes=[1, 2])
 
 
@@ -28,12 +30,12 @@ def test_challenge_json_round_trip_in_mm(tmp_path):
   assert p0["name"] == "mitotic figure" and p0["probability"] == pytest.approx(0.9)
   assert p1["point"] == pytest.approx([1.000125, 0.0025, 0])
   assert p1["name"] == "non-mitotic figure"
-  path = export.write_json_atomic(obj, tmp_path / "001.json")
-  xy_mm, probs, names = export.from_challenge_json(path)
+  path = write_json_atomic(obj, tmp_path / "001.json")
+  xy_mm, probs, names = evaluate.from_challenge_json(path)
   np.testing.assert_allclose(xy_mm, [[0.025, 0.05], [1.000125, 0.0025]], rtol=1e-12)
   np.testing.assert_allclose(probs, [0.9, 0.25], rtol=1e-6)
   assert names == ["mitotic figure", "non-mitotic figure"]
-  back = export.Detections.from_mm(xy_mm, probs, names, spacing_um=0.25)
+  back = Detections.from_mm(xy_mm, probs, names, spacing_um=0.25)
   np.testing.assert_allclose(back.xy, _dets().xy, rtol=1e-6)
   assert back.classes.tolist() == [1, 2]
 
@@ -43,7 +45,7 @@ def test_challenge_json_old_format_defaults(tmp_path):
   # treats such points as mitotic figures with probability 0.5.
   f = tmp_path / "old.json"
   f.write_text(json.dumps({"points": [{"point": [0.1, 0.2, 0]}]}))
-  xy, probs, names = export.from_challenge_json(f)
+  xy, probs, names = evaluate.from_challenge_json(f)
   assert xy.tolist() == [[0.1, 0.2]] and probs.tolist() == [0.5]
   assert names == ["mitotic figure"]
 
@@ -65,7 +67,7 @@ def test_malformed_challenge_json(tmp_path, text, problem):
   f = tmp_path / "bad.json"
   f.write_text(text)
   with pytest.raises(DataError, match=problem) as e:
-    export.from_challenge_json(f)
+    evaluate.from_challenge_json(f)
   assert str(f) in str(e.value)
 
 
@@ -106,7 +108,7 @@ def _count(img: np.ndarray, color) -> int:
 
 def test_overlay_png_size_and_colours(tmp_path):
   image = np.full((200, 300, 3), 128, np.uint8)  # H=200, W=300
-  dets = export.Detections(xy=[[50, 50], [250, 150]], scores=[0.9, 0.8])
+  dets = Detections(xy=[[50, 50], [250, 150]], scores=[0.9, 0.8])
   truth = np.array([[52, 50], [150, 100]], np.float32)  # first found, second missed
   imposters = np.array([[250, 40]], np.float32)
   out = tmp_path / "overlay.png"
@@ -132,14 +134,14 @@ def test_overlay_png_size_and_colours(tmp_path):
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
   target = tmp_path / "m.json"
-  export.write_json_atomic({"a": 1}, target)
+  write_json_atomic({"a": 1}, target)
   assert json.loads(target.read_text()) == {"a": 1}
   # A failing write (NaN is not JSON) leaves the old file and no debris.
   with pytest.raises(ValueError):
-    export.write_json_atomic({"a": float("nan")}, target)
+    write_json_atomic({"a": float("nan")}, target)
   # A failure half-way through writing leaves the old file and no debris.
   with pytest.raises(RuntimeError):
-    with export.atomic_output(target) as f:
+    with atomic_output(target) as f:
       f.write('{"half": ')
       raise RuntimeError("disk full")
   assert json.loads(target.read_text()) == {"a": 1}

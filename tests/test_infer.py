@@ -10,7 +10,6 @@ relative to the tile borders is fully under the test's control.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +20,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from midog_jax import infer, parallel
+from midog_jax import detectors, infer, parallel
+from midog_jax.configs import retina as retina_config
 from midog_jax.data import slides, synthetic
-from midog_jax.methods.retina import RetinaMethod
+from support import REPO, cpu_env
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # ``configs`` is a top-level folder, not installed
-  sys.path.insert(0, str(REPO))
-from configs import retina as retina_config  # noqa: E402
 
 TOPK = 40  # a modest top-k: many points per tile, cheap in-tile suppression
 
@@ -206,11 +202,11 @@ def crops(tmp_path_factory) -> dict[str, Path]:
 def tiny_model():
   cfg = retina_config.get_config("tiny")
   cfg.model.topk = TOPK
-  method = RetinaMethod(cfg)
-  variables = method.init_variables(jax.random.key(0, impl="rbg"), cfg.data.patch_size)
+  detector = detectors.build(cfg)
+  variables = detector.init_variables(jax.random.key(0, impl="rbg"))
   # Score threshold 0: random-init scores are near the 0.01 focal prior, and
   # the test must see many detections to prove anything.
-  tile_fn = method.make_tile_fn(variables, cfg.eval.tile_size, 0.0, 25.0)
+  tile_fn = detector.make_tile_fn(variables, 0.0)
   return cfg, tile_fn
 
 
@@ -267,18 +263,17 @@ def test_odd_and_smaller_than_tile_images(crops, tiny_model, name):
 _DEVICE_SCRIPT = """
 import sys
 import jax, numpy as np
-from configs import retina
-from midog_jax import infer, parallel
-from midog_jax.methods.retina import RetinaMethod
+from midog_jax import detectors, infer, parallel
+from midog_jax.configs import retina
 image, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 assert jax.device_count() == n, jax.devices()
 cfg = retina.get_config("tiny")
 cfg.model.topk = {topk}
-method = RetinaMethod(cfg)
+detector = detectors.build(cfg)
 mesh = parallel.local_mesh()
-variables = method.init_variables(jax.random.key(0, impl="rbg"), cfg.data.patch_size)
+variables = detector.init_variables(jax.random.key(0, impl="rbg"))
 variables = parallel.replicate(variables, mesh)
-tile_fn = method.make_tile_fn(variables, cfg.eval.tile_size, 0.0, 25.0)
+tile_fn = detector.make_tile_fn(variables, 0.0)
 tcfg = infer.TileConfig(cfg.eval.tile_size, cfg.eval.tile_overlap, 4, 25.0, 0.0)
 det = infer.detect(image, tile_fn, tcfg, mesh)
 np.savez(out, xy=det.xy, scores=det.scores, classes=det.classes)
@@ -291,8 +286,7 @@ if n > 1:  # a batch that cannot be split evenly over the devices is refused
 
 
 def _run_on_devices(image: Path, out: Path, devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = cpu_env(devices)
   r = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(image), str(out),
                       str(devices)], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=300)

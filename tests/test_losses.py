@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from midog_jax import anchors as A
-from midog_jax import losses as L
+from midog_jax.detectors.retinanet import anchors as A
+from midog_jax.detectors.retinanet import losses as L
 
 FAST = {"xla_backend_optimization_level": 0}  # compile time >> run time here
 _focal = jax.jit(L.sigmoid_focal_loss, static_argnums=(2, 3),

@@ -1,4 +1,4 @@
-"""Negative mining (seed 001): stain-mined ink, the initial pool, hard-negative rounds.
+"""Negative mining (Lafarge & Koelzer, MIDOG 2022): stain-mined ink, pool, rounds.
 
 Images are real tiled TIFFs rendered through Beer-Lambert with known H&E
 vectors, dark (in-plane) hematoxylin nuclei and a few blobs of dark green ink
@@ -150,7 +150,7 @@ def test_score_negatives_scores_centred_patches_in_pool_order(ink_case):
 
 
 def _retina_config(data_root, **mining_cfg):
-  from configs import retina
+  from midog_jax.configs import retina
   c = retina.get_config("tiny")
   c.data.root = str(data_root)
   c.data.strategy = "balanced"
@@ -161,10 +161,10 @@ def _retina_config(data_root, **mining_cfg):
   return c
 
 
-def test_rounds_need_balanced_batches_and_a_patch_scorer(tiny_dataset, tmp_path):
+def test_rounds_need_balanced_batches_and_known_settings(tiny_dataset, tmp_path):
   c = _retina_config(tiny_dataset)
-  with pytest.raises(ValueError, match="make_patch_score_fn"):
-    mining.run_rounds(c, tmp_path / "w", rounds=2)
+  with pytest.raises(ValueError, match="rounds"):
+    mining.run_rounds(c, tmp_path / "w", rounds=0)
   c.data.strategy = "mitosis_centred"
   with pytest.raises(ValueError, match="balanced"):
     mining.run_rounds(c, tmp_path / "w", rounds=1)
@@ -174,6 +174,7 @@ def test_rounds_need_balanced_batches_and_a_patch_scorer(tiny_dataset, tmp_path)
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.e2e
 def test_round_zero_trains_on_the_mined_pool(tiny_dataset, tmp_path):
   c = _retina_config(tiny_dataset, random_per_case=4, stain_top_k=2)
   w = tmp_path / "mine"
@@ -197,17 +198,18 @@ def test_round_zero_trains_on_the_mined_pool(tiny_dataset, tmp_path):
   assert saved["best_round"] == 0
 
 
+@pytest.mark.e2e
 def test_rounds_drop_the_easy_negatives_and_fine_tune(tiny_dataset, tmp_path):
-  from configs import p4_resnet
   from midog_jax import checkpoint as ckpt_lib
-  from midog_jax import methods
+  from midog_jax import detectors
+  from midog_jax.configs import p4_resnet
+  from midog_jax.mining import rounds as rounds_lib
   c = p4_resnet.get_config("tiny")
   c.data.root = str(tiny_dataset)
   c.mining = ml_collections.ConfigDict(dict(random_per_case=4, stain_top_k=2,
                                             keep_fraction=0.5))
-  method = methods.build(c)
-  if not hasattr(method, "make_patch_score_fn"):
-    pytest.skip("the P4 method has no make_patch_score_fn yet")
+  detector = detectors.build(c)
+  assert c.data.patch_size == 0 and detector.patch_size > 0  # the detector's own
   w = tmp_path / "p4"
   summary = mining.run_rounds(c, w, rounds=2)
   r0, r1 = summary["rounds"]  # round 1 always runs; a stop comes after it
@@ -223,10 +225,10 @@ def test_rounds_drop_the_easy_negatives_and_fine_tune(tiny_dataset, tmp_path):
   # Round 1 kept exactly the negatives round 0's best weights found hardest.
   data = experiment.load_experiment(c.data)
   variables, _ = ckpt_lib.load_for_inference(w / "round_0", "best")
-  psize = c.data.patch_size
-  scores = mining.score_negatives(method.make_patch_score_fn(variables, psize),
-                                  data.train + data.unlabeled, pool0, psize)
+  psize = detector.patch_size
+  scores = mining.score_negatives(detector.make_patch_score_fn(variables, psize),
+                                  data.pool_cases, pool0, psize)
   kept = (pool0[:, None] == pool1[None]).all(-1).any(1)
   assert kept.sum() == n1 and scores[kept].min() >= scores[~kept].max()
   cfg1 = json.loads((w / "round_1" / "config.json").read_text())
-  assert cfg1["init_from"] == str(mining._weights_dir(w / "round_0"))
+  assert cfg1["init_from"] == str(rounds_lib._weights_dir(w / "round_0"))

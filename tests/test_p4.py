@@ -1,4 +1,4 @@
-"""P4 group convolutions and the dense P4 ResNet (seed 001).
+"""P4 group convolutions and the dense P4 ResNet (Lafarge & Koelzer, MIDOG 2022).
 
 Rotation convention under test (see ``midog_jax.models.p4``): rotating the
 input image by ``jnp.rot90(., axes=(1, 2))`` rotates every group feature map
@@ -160,8 +160,8 @@ def test_full_plan_depth_pool_and_rf():
   # 70 main-path convs + the one projection shortcut where the width doubles.
   assert prims.count("conv_general_dilated") == 71
   assert prims.count("reduce_window_max") == 1
-  assert model.receptive_field == 78 and model.output_offset == 39.0
-  assert pr.output_geometry(80, 95) == (2, 9, 2, 39.0, 78)
+  assert model.receptive_field == 78
+  assert pr.output_size(80, 95) == (2, 9)
 
 
 def _all_eqns(jaxpr):
@@ -181,7 +181,7 @@ def test_receptive_field_by_gradient(plan, width):
   h, w = rf + 6, rf + 9
   model = pr.P4ResNet(plan=plan, width=width)
   variables = random_variables(model, (1, h, w, 3))
-  geo = pr.output_geometry(h, w, plan)
+  oh, ow = pr.output_size(h, w, plan)
   i, j = 2, 1
 
   def pixel(x):
@@ -200,7 +200,7 @@ def test_receptive_field_by_gradient(plan, width):
   assert support[:, 2 * j:2 * j + rf].any(0).all()
   assert support.sum() >= 0.95 * rf * rf
   out = jax.eval_shape(model.apply, variables, xs[:1])
-  assert out.shape == (1, geo.out_h, geo.out_w, 1)
+  assert out.shape == (1, oh, ow, 1)
 
 
 def test_network_rotation_equivariance():
@@ -252,33 +252,16 @@ def test_full_depth_equivariance():
   assert y.shape == (1, 3, 3, 1)
   assert np.std(y) > 1e-3  # a constant map would pass trivially
   y_rot = apply(variables, p4.rotate_image(x))
-  # 70 float32 layers: compare in the norm, not elementwise.
+  # 70 float32 layers: compare in the norm, not elementwise. Rounding alone
+  # gave 1.1e-5 here (XLA:CPU sums a rotated input's convolutions in another
+  # order); a broken symmetry gives > 1e-2 (the controls above).
   err = np.linalg.norm(y_rot - p4.rotate_image(y)) / np.linalg.norm(y)
-  assert err <= 1e-5
+  assert err <= 1e-4
 
 
-@pytest.mark.parametrize("tile_out,batch_size", [
-    (16, None), ((24, 40), 3), (50, 2)])
-def test_tiled_equals_whole_image(tile_out, batch_size):
-  plan = MID_PLAN
-  rf = pr.receptive_field(plan)
-  model = pr.P4ResNet(plan=plan, width=2, num_classes=2)
-  variables = random_variables(model, (1, 200, 232, 3))
-  image = _images((200, 232, 3), seed=7)
-  whole = jax.jit(model.apply)(variables, image[None])[0]
-  assert whole.shape == (91, 107, 2)
-  apply_fn = lambda t: model.apply(variables, t)  # noqa: E731
-  tiled = jax.jit(lambda im: pr.dense_apply_tiled(
-      apply_fn, im, tile_out, rf=rf, batch_size=batch_size))(image)
-  assert tiled.shape == whole.shape
-  assert float(jnp.abs(tiled - whole).max()) <= 1e-5
-
-
-def test_output_to_image_coordinates():
-  xy = pr.output_to_image([0, 3], [5, 0])
-  np.testing.assert_array_equal(xy, [[10 + 39, 39], [39, 6 + 39]])
-  assert xy.dtype == np.float32
+def test_output_size_and_too_small_inputs():
+  assert pr.output_size(200, 232, MID_PLAN) == (
+      (200 - pr.receptive_field(MID_PLAN)) // 2 + 1,
+      (232 - pr.receptive_field(MID_PLAN)) // 2 + 1)
   with pytest.raises(ValueError, match="smaller than the RF"):
-    pr.output_geometry(77, 100)
-  with pytest.raises(ValueError, match="smaller than the RF"):
-    pr.dense_apply_tiled(lambda t: t, jnp.zeros((10, 10, 3)), 4, rf=12)
+    pr.output_size(77, 100)

@@ -1,4 +1,4 @@
-"""Seed 001's P4 method: patch labels, dense maxima, tiling, training and rotation.
+"""The P4 detector (Lafarge & Koelzer, MIDOG 2022): patch labels, dense maxima, tiling, training and rotation.
 
 The rotation contract (last test) runs through the real CLIs: a tiny P4 workdir
 trained by ``python -m midog_jax.main`` and ``python -m midog_jax.predict`` on
@@ -23,7 +23,6 @@ region makes a plateau either.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,24 +34,20 @@ import optax
 import pytest
 import tifffile
 
-from configs import p4_resnet
-from conftest import train_workdir
 from midog_jax import infer
+from midog_jax.configs import p4_resnet
 from midog_jax.data import slides as slides_lib
-from midog_jax.data.midog import IMPOSTER, MITOSIS
-from midog_jax.methods import p4 as p4m
+from midog_jax.detections import IMPOSTER, MITOSIS
+from midog_jax.detectors import interface
+from midog_jax.detectors import p4 as p4m
 from midog_jax.models import p4_resnet as pr
+from support import REPO, cpu_env, train_workdir
 
-REPO = Path(__file__).resolve().parents[1]
+# One worker for the module: its tests share a trained workdir fixture.
 pytestmark = pytest.mark.xdist_group("p4_method")
 SPACING_UM = 0.25
 
 
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
 
 
 def _tiny_method(**eval_overrides):
@@ -60,7 +55,12 @@ def _tiny_method(**eval_overrides):
   config.model.topk = 4096  # more than any tile here has maxima
   for k, v in eval_overrides.items():
     setattr(config.eval, k, v)
-  return p4m.P4Method(config), config
+  return p4m.P4Detector(config), config
+
+
+def _norm(images):
+  """The P4 detector's input normalisation."""
+  return interface.normalize(images, p4m.P4Detector.input_mean, p4m.P4Detector.input_std)
 
 
 def _random_variables(method, patch, seed):
@@ -70,7 +70,7 @@ def _random_variables(method, patch, seed):
   are rectified to zero and its map is largely one plateau; random BN
   parameters make a map with many distinct maxima, as a trained net has.
   """
-  v = method.init_variables(jax.random.key(seed), patch)
+  v = method.init_variables(jax.random.key(seed))
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -129,7 +129,7 @@ def test_loss_uses_the_centre_output_and_those_labels():
   assert method.centre_index(p) == 2
   np.testing.assert_allclose(np.asarray(p4m.output_to_pixels(2, 2, rf)),
                              [(p - 1) / 2] * 2)
-  variables = method.init_variables(jax.random.key(0), p)
+  variables = method.init_variables(jax.random.key(0))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4, p, p, 3)).astype(np.uint8)
   c = (p - 1) / 2
@@ -140,7 +140,7 @@ def test_loss_uses_the_centre_output_and_those_labels():
   labels = np.asarray([1, 0, 0, 1], np.float32)
   loss, (metrics, stats) = method.loss(variables["params"], variables["batch_stats"],
                                        batch, train=False)
-  full = method.model.apply(variables, infer.to_model_input(images), train=False)
+  full = method.model.apply(variables, _norm(images), train=False)
   logit = full[:, 2, 2, 0]
   want = optax.sigmoid_binary_cross_entropy(logit, labels).mean()
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
@@ -158,12 +158,12 @@ def test_output_centre_convention_by_influence():
   """A pixel only moves outputs whose window, centred per the convention, holds it."""
   method, _ = _tiny_method()
   rf = pr.receptive_field(method.plan)
-  variables = method.init_variables(jax.random.key(1), 40)
+  variables = method.init_variables(jax.random.key(1))
   img = _noisy_image(40, 40, 3)
   r, c = 17, 22
   bumped = img.copy()
   bumped[r, c] = 255 - bumped[r, c]
-  apply = lambda x: method.model.apply(variables, infer.to_model_input(x[None]))[0, ..., 0]
+  apply = lambda x: method.model.apply(variables, _norm(x[None]))[0, ..., 0]
   diff = np.abs(np.asarray(apply(bumped)) - np.asarray(apply(img))) > 0
   oh, ow = diff.shape
   ii, jj = np.mgrid[0:oh, 0:ow]
@@ -185,7 +185,7 @@ def test_tile_fn_returns_thresholded_local_maxima_inside_the_tile():
   rf = pr.receptive_field(method.plan)
   variables = _random_variables(method, rf, 2)
   tiles = np.stack([_noisy_image(60, 60, s) for s in (4, 5)])
-  logit = np.asarray(method.model.apply(variables, infer.to_model_input(tiles)))[..., 0]
+  logit = np.asarray(method.model.apply(variables, _norm(tiles)))[..., 0]
   prob = 1 / (1 + np.exp(-logit.astype(np.float64)))
   _, oh, ow = logit.shape
   pad = np.pad(logit, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
@@ -194,7 +194,7 @@ def test_tile_fn_returns_thresholded_local_maxima_inside_the_tile():
   strict = logit > neigh.max(0)
   thresh = float(np.median(prob[strict]))  # so the threshold matters
   pts, scores, classes, valid = map(np.asarray, method.make_tile_fn(
-      variables, 50, thresh, 0.0)(tiles))
+      variables, thresh)(tiles))
   for b in range(2):
     want = strict[b] & (prob[b] >= thresh)
     assert 0 < want.sum() < strict[b].sum()
@@ -218,11 +218,11 @@ def test_tile_fn_returns_thresholded_local_maxima_inside_the_tile():
 def test_tiled_detect_equals_whole_image_maxima(tile, overlap):
   method, config = _tiny_method(tile_size=tile, tile_overlap=overlap)
   rf = pr.receptive_field(method.plan)
-  ctx = config.eval.tile_context
+  ctx = method.tile_context
   assert ctx == rf // 2 - 1
   variables = _random_variables(method, rf, 3)
   image = _noisy_image(130, 150, 7)  # even sides; several tiles each way
-  tile_fn = method.make_tile_fn(variables, tile, 0.0, 0.0)
+  tile_fn = method.make_tile_fn(variables, 0.0)
   cfg = infer.TileConfig(tile_size=tile, overlap=overlap, tile_batch=4,
                          merge_radius=0.0, score_thresh=0.0, context=ctx)
   got = infer.detect(image, tile_fn, cfg)
@@ -230,7 +230,7 @@ def test_tiled_detect_equals_whole_image_maxima(tile, overlap):
   # Reference: the whole image padded by the context (white, as the tile
   # reader pads), one application, local maxima, back to image pixels.
   padded = np.pad(image, ((ctx, ctx), (ctx, ctx), (0, 0)), constant_values=255)
-  logit = np.asarray(method.model.apply(variables, infer.to_model_input(padded[None])))[0, ..., 0]
+  logit = np.asarray(method.model.apply(variables, _norm(padded[None])))[0, ..., 0]
   oh, ow = logit.shape
   assert (oh, ow) == (65, 75)  # centres 0.5, 2.5, ..., side - 1.5
   peaks = np.asarray(p4m.local_maxima(jnp.asarray(logit[None]), 3))[0]
@@ -269,6 +269,7 @@ def workdir(tiny_dataset, tmp_path_factory) -> Path:
                        "--config.checkpoint_every=3")
 
 
+@pytest.mark.e2e
 def test_training_run_writes_eval_and_keeps_lowest_val_loss(workdir):
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in rows if "accuracy" in r]
@@ -298,6 +299,7 @@ def _read_points(path):
   return xy, np.asarray([p["probability"] for p in obj["points"]], np.float64)
 
 
+@pytest.mark.e2e
 def test_rotation_contract_through_predict(workdir, tiny_dataset, tmp_path):
   """predict(rot90(image)) == rot90(predict(image)): points (1e-4 mm) and scores."""
   tissue = slides_lib.Slide(tiny_dataset / "001.tiff").read(100, 60, 210, 168)
@@ -311,7 +313,7 @@ def test_rotation_contract_through_predict(workdir, tiny_dataset, tmp_path):
   r = subprocess.run([sys.executable, "-m", "midog_jax.predict", "--workdir", str(workdir),
                       "--images", str(tmp_path / "a.tiff"), str(tmp_path / "a_rot.tiff"),
                       "--out", str(out), "--threshold", "0.01"],
-                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+                     cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   xy, s = _read_points(out / "a.json")
   xy_r, s_r = _read_points(out / "a_rot.json")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from midog_jax.data import midog, pipeline
+from midog_jax.data import midog, pipeline, sampling
 
 CFG = pipeline.PatchConfig(patch_size=96, max_points=8, shift=8, elastic_alpha=2.0,
                            elastic_sigma=6.0, colour="od")
@@ -37,6 +38,22 @@ def test_batches_have_fixed_shapes_and_valid_labels(cases):
   assert np.all((pts >= -0.5) & (pts < 95.5))
   assert set(np.unique(b["classes"][b["mask"]])) <= {1, 2}
   assert np.all(b["classes"][~b["mask"]] == 0)
+
+
+def test_labels_in_window_use_the_pixel_rule(cases):
+  # Points on both borders of the window of pixels 10..41 x 20..51: the left
+  # and top borders are in, the right and bottom ones out.
+  case = dataclasses.replace(
+      cases[0], mitoses=np.float32([[9.5, 30], [41.5, 30], [20, 19.5]]),
+      imposters=np.float32([[20, 51.5], [41.4, 51.4]]))
+  pts, cls = pipeline._labels_in_window(case, 10, 20, 32)
+  np.testing.assert_allclose(pts, [[-0.5, 10], [10, -0.5], [31.4, 31.4]],
+                             atol=1e-5)
+  np.testing.assert_array_equal(cls, [midog.MITOSIS, midog.MITOSIS,
+                                      midog.IMPOSTER])
+  everything = np.concatenate([case.mitoses, case.imposters])
+  np.testing.assert_array_equal(pts, sampling.points_in_window(everything, 10,
+                                                               20, 32)[0])
 
 
 def test_mitosis_centred_p1_always_has_a_mitosis(cases):

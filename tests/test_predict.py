@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,21 +18,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import train_workdir
+from support import REPO, cpu_env, train_workdir
 from midog_jax import checkpoint as ckpt_lib
 from midog_jax import predict
 from midog_jax.data import slides as slides_lib
 
-REPO = Path(__file__).resolve().parents[1]
 # One worker runs the whole module, so the workdir is trained once.
+# One worker for the module: its tests share a trained workdir fixture.
 pytestmark = pytest.mark.xdist_group("predict")
 
 
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +72,7 @@ def _csv_px(path: Path) -> np.ndarray:
   return np.asarray([[float(r["x_px"]), float(r["y_px"])] for r in rows]).reshape(-1, 2)
 
 
+@pytest.mark.e2e
 def test_cli_writes_challenge_json_and_skips_bad_images(workdir, images, tmp_path):
   corrupt = tmp_path / "x.tiff"
   corrupt.write_bytes(np.random.default_rng(0).bytes(5000))
@@ -90,7 +85,7 @@ def test_cli_writes_challenge_json_and_skips_bad_images(workdir, images, tmp_pat
   cmd = [sys.executable, "-m", "midog_jax.predict", f"--workdir={workdir}",
          "--images", str(images["folder"]), str(corrupt), str(missing), str(cut),
          "--out", str(out), "--threshold", "0", "--formats", "json,geojson,csv"]
-  r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+  r = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 1, r.stderr[-3000:]
   assert f"{corrupt}: not a readable TIFF" in r.stderr
@@ -119,6 +114,7 @@ def test_cli_writes_challenge_json_and_skips_bad_images(workdir, images, tmp_pat
     assert (px >= 0).all() and (px[:, 0] < w).all() and (px[:, 1] < h).all()
 
 
+@pytest.mark.e2e
 def test_spacing_override_and_missing_tags(workdir, images, tmp_path, capsys):
   out = tmp_path / "tags"
   res = predict.predict_images(workdir, [images["first"], images["notags"]], out,
@@ -147,6 +143,7 @@ def test_spacing_override_and_missing_tags(workdir, images, tmp_path, capsys):
                              rtol=1e-9)
 
 
+@pytest.mark.e2e
 def test_default_threshold_comes_from_the_checkpoint(workdir, images, tmp_path):
   _, meta = ckpt_lib.load_for_inference(workdir, "best")
   t = float(meta["threshold"])
@@ -166,6 +163,7 @@ def test_default_threshold_comes_from_the_checkpoint(workdir, images, tmp_path):
   assert _points(tmp_path / "c" / "001.json")[0].shape == (0, 2)
 
 
+@pytest.mark.e2e
 def test_usage_and_workdir_errors_exit_2(workdir, images, tmp_path, capsys):
   empty = tmp_path / "empty_workdir"
   empty.mkdir()
@@ -181,10 +179,11 @@ def test_usage_and_workdir_errors_exit_2(workdir, images, tmp_path, capsys):
   assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 def test_config_json_rebuilds_the_method(workdir):
   config = predict.load_config(workdir)
   # JSON turned the tuples into lists; the model must still be the trained one.
   assert isinstance(config.model.levels, (list, tuple))
   p = predict.load_predictor(workdir, threshold=0.3, checkpoint="latest")
-  assert p.threshold == 0.3 and p.tile_cfg.tile_size == config.eval.tile_size
-  assert p.tile_cfg.score_thresh == min(config.eval.score_thresh, 0.3)
+  assert p.threshold == 0.3 and p.tiler.tile_cfg.tile_size == config.eval.tile_size
+  assert p.tiler.tile_cfg.score_thresh == min(config.eval.score_thresh, 0.3)

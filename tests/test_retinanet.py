@@ -10,11 +10,14 @@ import numpy as np
 import optax
 import pytest
 
-from midog_jax import anchors as A
-from midog_jax import losses as L
-from midog_jax.models import (RetinaNet, count_params, freeze, postprocess,
-                              retinanet_tiny, trainable_mask)
+from midog_jax.detectors.retinanet import anchors as A
+from midog_jax.detectors.retinanet import losses as L
+from midog_jax.detectors.retinanet.decode import postprocess
+from midog_jax.models import count_params
 from midog_jax.models import resnet as R
+from midog_jax.models.resnet import trainable_mask
+from midog_jax.models.retinanet import RetinaNet, retinanet_tiny
+from midog_jax.optim import freeze
 
 PRIOR = -math.log(0.99 / 0.01)
 # Test-only: XLA's CPU backend optimisations cost far more compile time than

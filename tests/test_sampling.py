@@ -1,5 +1,6 @@
-"""Patch sampling: seed 000's mitosis-centred sampler, seed 001's balanced
-batches, negatives far from mitoses, domain stratification, determinism."""
+"""Patch sampling: Sheta's mitosis-centred sampler (MIDOG 2021), Lafarge &
+Koelzer's balanced examples (MIDOG 2022), negatives far from mitoses, the
+points-in-window rule."""
 
 from __future__ import annotations
 
@@ -24,21 +25,8 @@ def _case(mitoses=(), imposters=(), width=1000, height=800, domain="A",
       imposters=np.asarray(imposters, np.float32).reshape(-1, 2))
 
 
-def _cases():
-  """Three domains, one case without figures, several with."""
-  rng = np.random.default_rng(7)
-  out = []
-  for i, d in enumerate(["A", "A", "B", "C", "C", "C"]):
-    n_m = 0 if i == 1 else 5 + i
-    mit = rng.uniform([0, 0], [999, 799], (n_m, 2))
-    imp = rng.uniform([0, 0], [999, 799], (8, 2))
-    out.append(_case(mit, imp, domain=d, image_id=i + 1))
-  return out
-
-
 def _window_pts(case, r, attr="mitoses"):
-  m, i = S.points_in_window(case, r.x0, r.y0, r.size)
-  return m if attr == "mitoses" else i
+  return S.points_in_window(getattr(case, attr), r.x0, r.y0, r.size)[0]
 
 
 def test_mitosis_centred_p1_holds_a_figure_inside_the_margin():
@@ -54,15 +42,6 @@ def test_mitosis_centred_p1_holds_a_figure_inside_the_margin():
     offsets.add((r.x0, r.y0))
   # Not always dead centre: the figure's position in the patch varies.
   assert len(offsets) > 100
-
-
-def test_mitosis_centred_jitter_bounds_the_offset_from_centre():
-  case = _case([[500, 400]])
-  rng = np.random.default_rng(1)
-  for _ in range(100):
-    r = S.sample_mitosis_centred(case, 0, 64, rng, p=1.0, jitter=3)
-    u = np.array([500, 400]) - [r.x0, r.y0]
-    assert np.all(np.abs(u - 32) <= 3)
 
 
 def test_mitosis_centred_p0_is_uniform_inside_the_image():
@@ -128,112 +107,58 @@ def test_negative_centres_respect_min_distance_and_fail_clearly():
     S.sample_negative_centre(tiny, rng, 50.0, batch=32, max_rounds=4)
 
 
-def test_balanced_exact_half_and_negatives_far():
-  cases = _cases()
-  rng = np.random.default_rng(8)
-  c = S.balanced_centres(cases, 64, rng, min_dist_px=40.0, jitter_px=3.0)
-  kinds = np.array(c.kind)
-  assert len(c) == 64 and (kinds == "mitosis").sum() == 32
-  assert 0 < (kinds == "imposter").sum() < 32 and (kinds == "negative").sum() > 0
-  for i, xy, k in zip(c.case_index, c.xy, c.kind):
-    mit = cases[i].mitoses
-    d = np.linalg.norm(mit - xy, axis=1).min() if len(mit) else np.inf
-    if k == "mitosis":
-      assert d <= 3.0 * np.sqrt(2) + 1e-4
-    else:
-      assert d >= 40.0, (k, d)
-    if k == "imposter":
-      assert np.linalg.norm(cases[i].imposters - xy, axis=1).min() <= 3 * np.sqrt(2) + 1e-4
-  # Requests put the point on the patch's centre pixel.
-  reqs = c.requests(65)
-  for r, xy in zip(reqs, c.xy):
-    assert np.all(np.abs(xy - [r.x0, r.y0] - 32) <= 0.5)
-  # Odd counts round at random: the positive share averages pos_fraction.
-  n_pos = [sum(k == "mitosis" for k in S.balanced_centres(cases, 3, rng).kind)
-           for _ in range(400)]
-  assert set(n_pos) == {1, 2} and abs(np.mean(n_pos) - 1.5) < 0.12
-
-
-def test_balanced_imposter_fraction_and_close_imposters_skipped():
-  # One imposter sits on a mitosis: it must never be a negative centre.
-  case = _case([[300, 300]], [[305, 300], [700, 500]])
-  rng = np.random.default_rng(9)
-  c = S.balanced_centres([case], 200, rng, min_dist_px=30.0,
-                         imposter_fraction=1.0, jitter_px=2.0)
-  kinds = np.array(c.kind)
-  assert (kinds == "imposter").sum() == 100
-  imp_xy = c.xy[kinds == "imposter"]
-  assert np.all(np.linalg.norm(imp_xy - [700, 500], axis=1) <= 2 * np.sqrt(2) + 1e-4)
-  c0 = S.balanced_centres([case], 200, rng, min_dist_px=30.0, imposter_fraction=0.0)
-  assert "imposter" not in c0.kind
-
-
-def test_domain_stratification_equal_counts():
-  cases = _cases()
-  rng = np.random.default_rng(10)
-  domains = np.array([c.domain for c in cases])
-  for _ in range(5):
-    idx = S.domain_stratified_cases(cases, 30, rng)
-    counts = {d: int((domains[idx] == d).sum()) for d in "ABC"}
-    assert counts == {"A": 10, "B": 10, "C": 10}
-  # Not a multiple: counts differ by at most one.
-  idx = S.domain_stratified_cases(cases, 31, rng)
-  counts = [int((domains[idx] == d).sum()) for d in "ABC"]
-  assert sorted(counts) == [10, 10, 11]
-  # Through make_requests, per-case strategies and balanced.
-  reqs = S.make_requests(cases, 60, rng, "mitosis_centred", 64,
-                         stratify_domains=True)
-  assert [sum(domains[r.case_index] == d for r in reqs) for d in "ABC"] == [20] * 3
-  reqs = S.make_requests(cases, 60, rng, "balanced", 64, stratify_domains=True,
-                         min_dist_px=30.0)
-  pos = [domains[r.case_index] for r in reqs if r.kind == "mitosis"]
-  neg = [domains[r.case_index] for r in reqs if r.kind != "mitosis"]
-  assert [pos.count(d) for d in "ABC"] == [10] * 3
-  assert [neg.count(d) for d in "ABC"] == [10] * 3
-
-
-def test_make_requests_deterministic_and_strategies():
-  cases = _cases()
-  for strategy in S.STRATEGIES:
-    a = S.make_requests(cases, 16, np.random.default_rng(11), strategy, 96,
-                        min_dist_px=30.0)
-    b = S.make_requests(cases, 16, np.random.default_rng(11), strategy, 96,
-                        min_dist_px=30.0)
-    c = S.make_requests(cases, 16, np.random.default_rng(12), strategy, 96,
-                        min_dist_px=30.0)
-    assert a == b and a != c, strategy
-    assert all(isinstance(r, S.PatchRequest) and r.size == 96 for r in a)
-  assert {r.kind for r in S.make_requests(cases, 50, np.random.default_rng(0),
-                                          "random", 96)} == {"random"}
-  with pytest.raises(ValueError, match="strategy must be one of"):
-    S.make_requests(cases, 4, np.random.default_rng(0), "nope", 96)
-  with pytest.raises(ValueError, match="no cases"):
-    S.make_requests([], 4, np.random.default_rng(0), "random", 96)
-
-
 def test_points_in_window_pixel_convention():
-  case = _case([[10, 20], [10.4, 19.6], [9.4, 20], [41.4, 20], [41.6, 20]],
-               [[25, 30]])
-  m, i = S.points_in_window(case, 10, 20, 32)
-  # Window pixels 10..41 own x in [9.5, 41.5): 9.4 and 41.6 are out.
-  np.testing.assert_allclose(m, [[0, 0], [0.4, -0.4], [31.4, 0]], atol=1e-5)
-  np.testing.assert_allclose(i, [[15, 10]])
-  assert m.dtype == np.float32 and i.dtype == np.float32
+  # Window pixels 10..41 (x) and 20..51 (y) hold x in [9.5, 41.5) and y in
+  # [19.5, 51.5): both borders exactly, which [0, size) in patch coordinates
+  # (the TFDS builder's old rule) gets wrong on each side.
+  pts = np.array([[10, 20], [10.4, 19.6], [9.5, 20], [41.5, 20], [9.4, 20],
+                  [41.4, 20], [10, 19.5], [10, 51.5], [41.49, 51.49]], np.float32)
+  inside, keep = S.points_in_window(pts, 10, 20, 32)
+  np.testing.assert_array_equal(
+      keep, [True, True, True, False, False, True, True, False, True])
+  np.testing.assert_allclose(inside, [[0, 0], [0.4, -0.4], [-0.5, 0], [31.4, 0],
+                                      [0, -0.5], [31.49, 31.49]], atol=1e-5)
+  assert inside.dtype == np.float32 and keep.dtype == bool
+  # Adjacent windows share no point: the border belongs to the later one.
+  _, left = S.points_in_window(pts, -22, 20, 32)
+  assert not np.any(left & keep)
+  # Non-square windows take (width, height).
+  _, k = S.points_in_window([[40, 5], [5, 40]], 0, 0, (48, 16))
+  np.testing.assert_array_equal(k, [True, False])
+  # No points, and the shape of one point.
+  assert S.points_in_window(np.zeros((0, 2)), 0, 0, 8)[0].shape == (0, 2)
+
+
+def test_jittered_request_stays_near_and_on_the_image():
+  case = _case(width=300, height=200)
+  rng = np.random.default_rng(14)
+  offsets = set()
+  for _ in range(200):
+    r = S.jittered_request(case, 4, (100, 50), 64, "negative", rng, 3.0)
+    assert r.case_index == 4 and r.kind == "negative" and r.size == 64
+    d = np.array([r.x0 + 32, r.y0 + 32]) - [100, 50]
+    assert np.all(np.abs(d) <= 3)
+    offsets.add(tuple(d))
+  assert len(offsets) > 20
+  # A centre on the border is not pushed off the image by the jitter.
+  for _ in range(50):
+    r = S.jittered_request(case, 0, (0, 199), 64, "mitosis", rng, 3.0)
+    assert 0 <= r.x0 + 32 <= 3 and 196 <= r.y0 + 32 <= 199
 
 
 def test_balanced_on_real_midog21_cases(real_midog_dir):
   ds = midog.load_midog(real_midog_dir / "MIDOG.json")
-  train = ds.labeled
   rng = np.random.default_rng(0)
-  c = S.balanced_centres(train, 96, rng, stratify_domains=True)
-  kinds = np.array(c.kind)
-  assert (kinds == "mitosis").sum() == 48
-  doms = np.array([train[i].domain for i in c.case_index])
-  assert [int((doms[kinds == "mitosis"] == d).sum()) for d in sorted(set(doms))] == [16] * 3
-  for i, xy, k in zip(c.case_index, c.xy, c.kind):
-    if k != "mitosis" and len(train[i].mitoses):
-      d = np.linalg.norm(train[i].mitoses - xy, axis=1).min()
-      assert d >= S.default_min_dist_px(train[i]) - 1e-3
+  cases = [c for c in ds.labeled if len(c.mitoses)][:12]
+  for i, case in enumerate(cases):
+    r = S.sample_balanced(case, i, 512, rng, positive=True)
+    c = np.array([r.x0 + 256, r.y0 + 256])
+    assert r.kind == "mitosis"
+    assert np.linalg.norm(case.mitoses - c, axis=1).min() <= 3 * np.sqrt(2) + 1
+    r = S.sample_balanced(case, i, 512, rng, positive=False)
+    c = np.array([r.x0 + 256, r.y0 + 256])
+    d = np.linalg.norm(case.mitoses - c, axis=1).min()
+    assert d >= S.default_min_dist_px(case) - 1, (r, d)
 
 
 def test_sample_balanced_per_record():
@@ -256,3 +181,13 @@ def test_sample_balanced_per_record():
   assert abs(kinds.count("imposter") / 200 - 0.5) < 0.15
   # A positive asked of a case without figures says it is not one.
   assert S.sample_balanced(empty, 0, 64, rng, positive=True).kind != "mitosis"
+  # No imposters asked for: none made.
+  assert {S.sample_balanced(case, 0, 64, rng, positive=False,
+                            imposter_fraction=0.0).kind
+          for _ in range(50)} == {"negative"}
+  # Deterministic given the generator.
+  a = [S.sample_balanced(case, 0, 64, np.random.default_rng(15), positive=p)
+       for p in (True, False)]
+  b = [S.sample_balanced(case, 0, 64, np.random.default_rng(15), positive=p)
+       for p in (True, False)]
+  assert a == b

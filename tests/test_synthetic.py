@@ -205,7 +205,9 @@ def test_midog21_real_positions_downscaled(real_midog_dir, tmp_path,
 
 def test_midog21_missing_shared_file(tmp_path, monkeypatch):
   monkeypatch.setenv("MIDOG_SHARED_DATA", str(tmp_path / "nowhere"))
-  monkeypatch.setattr(synthetic, "__file__", str(tmp_path / "a" / "b" / "c.py"))
+  # The repository is found from <repo>/midog_jax/data/synthetic/write.py.
+  monkeypatch.setattr(synthetic.write, "__file__",
+                      str(tmp_path / "a" / "b" / "c" / "d.py"))
   with pytest.raises(DataError, match="MIDOG_SHARED_DATA"):
     synthetic.generate(tmp_path / "out", preset="midog21", ids=[1])
 

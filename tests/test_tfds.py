@@ -14,7 +14,7 @@ import tifffile
 
 import tensorflow_datasets as tfds
 
-from midog_jax.data import tfds_midog
+from midog_jax.data import slides, tfds_midog
 from midog_jax.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ NAME = f"midog_patches/{CONFIG.name}"
 # its last patch column sits flush at x0 = 192 and overlaps the one at 128.
 CASES = {
     1: (256, [(40, 60), (128, 150)], [(200, 20)]),  # 128: first pixel of a patch
-    2: (256, [(10, 250)], []),
+    2: (256, [(10, 250)], [(127.5, 127.5)]),  # on the border of 4 patches
     3: (256, [], [(130, 5)]),
     51: (320, [(200, 100), (300, 250)], [(60, 200)]),
     101: (256, [(255, 255)], [(0, 0)]),
@@ -111,8 +111,11 @@ def prepared(tmp_path_factory):
 
 
 def _expected_points(points, x0, y0):
+  # Pixel-index coordinates: the patch's pixels x0 .. x0 + PATCH - 1 span
+  # [x0 - 0.5, x0 + PATCH - 0.5).
   return sorted((float(x - x0), float(y - y0)) for x, y in points
-                if x0 <= x < x0 + PATCH and y0 <= y < y0 + PATCH)
+                if x0 - 0.5 <= x < x0 + PATCH - 0.5
+                and y0 - 0.5 <= y < y0 + PATCH - 0.5)
 
 
 def test_no_tensorflow_while_reading(prepared):
@@ -162,15 +165,21 @@ def test_patch_pixels_and_points(prepared):
   np.testing.assert_array_equal(arrays[f"{where[1, 128, 128]}/mitoses"], [[0, 22]])
   np.testing.assert_array_equal(arrays[f"{where[51, 128, 0]}/mitoses"], [[72, 100]])
   np.testing.assert_array_equal(arrays[f"{where[51, 192, 0]}/mitoses"], [[8, 100]])
+  # (127.5, 127.5) of case 2 lies on the corner of pixel (128, 128): in that
+  # patch only, at (-0.5, -0.5), not at (127.5, 127.5) of the patch at (0, 0).
+  np.testing.assert_array_equal(arrays[f"{where[2, 128, 128]}/imposters"],
+                                [[-0.5, -0.5]])
+  for x0, y0 in ((0, 0), (128, 0), (0, 128)):
+    assert arrays[f"{where[2, x0, y0]}/imposters"].shape == (0, 2)
 
 
 def test_grid_origins():
-  np.testing.assert_array_equal(tfds_midog.grid_origins(256, 128, 128), [0, 128])
-  np.testing.assert_array_equal(tfds_midog.grid_origins(320, 128, 128),
+  np.testing.assert_array_equal(slides.grid_origins(256, 128, 128), [0, 128])
+  np.testing.assert_array_equal(slides.grid_origins(320, 128, 128),
                                 [0, 128, 192])
-  np.testing.assert_array_equal(tfds_midog.grid_origins(300, 128, 100),
+  np.testing.assert_array_equal(slides.grid_origins(300, 128, 100),
                                 [0, 100, 172])
-  np.testing.assert_array_equal(tfds_midog.grid_origins(100, 128, 128), [0])
+  np.testing.assert_array_equal(slides.grid_origins(100, 128, 128), [0])
 
 
 def test_midogpp_official_split_padding_and_tiff_spacing(tmp_path):

@@ -20,8 +20,10 @@ import pytest
 
 from midog_jax import checkpoint as ckpt_lib
 
-REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("train")
+from support import REPO, cpu_env
+# No xdist group: these runs share no module fixture, so the two workers
+# take them in parallel.
+pytestmark = pytest.mark.e2e
 
 
 def _cmd(data, workdir, *overrides):
@@ -31,15 +33,10 @@ def _cmd(data, workdir, *overrides):
           "--config.optimizer.schedule=constant", *overrides]
 
 
-def _env(devices=1):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
 
 
 def _run(data, workdir, *overrides, devices=1, check=True):
-  r = subprocess.run(_cmd(data, workdir, *overrides), cwd=REPO, env=_env(devices),
+  r = subprocess.run(_cmd(data, workdir, *overrides), cwd=REPO, env=cpu_env(devices),
                      capture_output=True, text=True, timeout=600)
   if check and r.returncode != 0:
     raise AssertionError(f"training failed ({r.returncode}):\n{r.stderr[-4000:]}")
@@ -78,7 +75,7 @@ def test_sigkill_after_checkpoint_then_resume_matches(tiny_dataset, tmp_path):
   # A short sleep per step gives the test time to kill after the first save.
   proc = subprocess.Popen(_cmd(tiny_dataset, work, *common,
                                "--config.debug_step_sleep=0.5"),
-                          cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                          cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
@@ -124,7 +121,7 @@ def test_two_processes_follow_the_one_process_loss_curve(tiny_dataset, tmp_path)
   """A real multi-host run: two local processes joined by jax.distributed (gloo)."""
   steps = ["--config.total_steps=3", "--config.checkpoint_every=3"]
   _run(tiny_dataset, tmp_path / "p1", *steps)
-  env = _env()
+  env = cpu_env()
   env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
   cmd = _cmd(tiny_dataset, tmp_path / "p2", *steps)
   r = subprocess.run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2",

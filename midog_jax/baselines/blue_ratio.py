@@ -1,4 +1,4 @@
-"""Blue-ratio candidate detector (seed 002's candidate step) as a baseline.
+"""Blue-ratio candidate detector (Kondo's MIDOG 2021 candidate step) as a baseline.
 
 Per image: blue-ratio image (Chang et al. 2012), threshold at mean + 3 std,
 connected components (8-connected), drop components smaller than 2 px or wider

@@ -15,9 +15,11 @@ Conventions, applied everywhere in this module:
     plausible stain/scanner change.
   * ``rng`` is a ``np.random.Generator``; everything is a pure function of it.
 
-Seed 001's protocol: spatial shifting, flips (here the full D4 group of
-flips and 90-degree rotations), elastic deformation, and linear colour
-transforms in RGB space (CA-RGB) or optical-density space (CA-OD).
+The protocol of Lafarge & Koelzer (MIDOG 2022): spatial shifting, flips
+(here the full D4 group of flips and 90-degree rotations), elastic
+deformation, and linear colour transforms in RGB space (CA-RGB) or
+optical-density space (CA-OD). Optical density and the stain matrix are
+``stain.py``'s (one convention for the package).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import dataclasses
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from midog_jax.data import sampling
+from midog_jax.data import stain
 
 COLOURS = ("none", "rgb", "od")
 
@@ -43,12 +48,10 @@ Geometric = tuple[np.ndarray, np.ndarray, np.ndarray]
 def in_bounds(points: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   """Keep mask: points whose pixel lies in an image of ``shape`` (H, W, ...).
 
-  That is x in [-0.5, W - 0.5) and y in [-0.5, H - 0.5).
+  That is x in [-0.5, W - 0.5) and y in [-0.5, H - 0.5): the image is the
+  window at pixel (0, 0) of ``sampling.points_in_window``.
   """
-  p = np.asarray(points, np.float32).reshape(-1, 2)
-  h, w = shape[0], shape[1]
-  return ((p[:, 0] >= -0.5) & (p[:, 0] < w - 0.5)
-          & (p[:, 1] >= -0.5) & (p[:, 1] < h - 0.5))
+  return sampling.points_in_window(points, 0, 0, (shape[1], shape[0]))[1]
 
 
 def compose_keep(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -73,14 +76,6 @@ def flip_lr(image: np.ndarray, points: np.ndarray
   points = _check(image, points)
   w = image.shape[1]
   return _result(image[:, ::-1], np.stack([w - 1 - points[:, 0], points[:, 1]], 1))
-
-
-def flip_ud(image: np.ndarray, points: np.ndarray
-            ) -> Geometric:
-  """Mirror up-down: row r goes to H - 1 - r."""
-  points = _check(image, points)
-  h = image.shape[0]
-  return _result(image[::-1], np.stack([points[:, 0], h - 1 - points[:, 1]], 1))
 
 
 def rot90(image: np.ndarray, points: np.ndarray, k: int = 1) -> Geometric:
@@ -117,24 +112,6 @@ def random_d4(image: np.ndarray, points: np.ndarray, rng: np.random.Generator
               ) -> Geometric:
   """One of the 8 flips/rotations, uniformly."""
   return d4(image, points, int(rng.integers(8)))
-
-
-def crop(image: np.ndarray, points: np.ndarray, x0: int, y0: int, size: int,
-         fill: int = 255) -> Geometric:
-  """The ``size`` x ``size`` window with top-left pixel (x0, y0).
-
-  Parts of the window past the image border are filled with ``fill`` (white,
-  like empty glass); points move by (-x0, -y0).
-  """
-  points = _check(image, points)
-  h, w = image.shape[:2]
-  x0, y0, size = int(x0), int(y0), int(size)
-  out = np.full((size, size, 3), fill, np.uint8)
-  sx0, sy0 = max(x0, 0), max(y0, 0)
-  sx1, sy1 = min(x0 + size, w), min(y0 + size, h)
-  if sx1 > sx0 and sy1 > sy0:
-    out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
-  return _result(out, points - np.asarray([x0, y0], np.float32))
 
 
 def random_shift(image: np.ndarray, points: np.ndarray,
@@ -248,13 +225,6 @@ def elastic(image: np.ndarray, points: np.ndarray, rng: np.random.Generator,
 
 # ------------------------------------------------------------------ colour --
 
-# Ruifrok & Johnston's haematoxylin, eosin, DAB optical-density vectors.
-_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-_HED /= np.linalg.norm(_HED, axis=1, keepdims=True)
-# OD of each uint8 value, -log((v + 1) / 256): finite at 0, exactly 0 at 255.
-_OD_LUT = -np.log((np.arange(256, dtype=np.float32) + 1) / 256)
-
-
 def _to_uint8(x: np.ndarray) -> np.ndarray:
   """Round and clip to uint8 (in place on ``x``, a float temporary)."""
   np.clip(x, 0, 255, out=x)
@@ -262,21 +232,18 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
   return x.astype(np.uint8)
 
 
-def _channels_first(image: np.ndarray, lut: np.ndarray | None = None
-                    ) -> np.ndarray:
-  """(3, H*W) float32 of the pixels (optionally through a 256-entry LUT).
+def _channels_first(image: np.ndarray) -> np.ndarray:
+  """(3, H*W) uint8 view of the pixels.
 
   Channel-first because numpy's (N, 3) @ (3, 3) does not reach BLAS and is
   ~10x slower than (3, 3) @ (3, N).
   """
-  x = image.reshape(-1, 3).T
-  if lut is not None:
-    return lut[x]
-  return np.ascontiguousarray(x, dtype=np.float32)
+  return image.reshape(-1, 3).T
 
 
 def _to_image(y: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  return np.ascontiguousarray(_to_uint8(y).T.reshape(shape))
+  """Channel-first uint8 (3, H*W) back to a contiguous image of ``shape``."""
+  return np.ascontiguousarray(y.T.reshape(shape))
 
 
 def _affine(x: np.ndarray, m: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -288,7 +255,7 @@ def _affine(x: np.ndarray, m: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def rgb_colour(image: np.ndarray, rng: np.random.Generator,
                strength: float = 1.0) -> np.ndarray:
-  """Seed 001's CA-RGB: a random linear map in RGB space.
+  """Lafarge & Koelzer's CA-RGB: a random linear map in RGB space.
 
   Per-channel gain 1 +- 0.2 s, bias +- 0.08 s (of full range) and channel
   mixing +- 0.05 s, with s = ``strength``; ``strength`` 0 is the identity.
@@ -300,28 +267,20 @@ def rgb_colour(image: np.ndarray, rng: np.random.Generator,
   mix = s * rng.uniform(-0.05, 0.05, (3, 3))
   np.fill_diagonal(mix, 0)
   b = s * rng.uniform(-0.08, 0.08, 3) * 255
-  return _to_image(_affine(_channels_first(image), m + mix, b), image.shape)
-
-
-def rgb_to_od(image: np.ndarray) -> np.ndarray:
-  """Optical density -log((I + 1) / 256), float32 (H, W, 3)."""
-  return _OD_LUT[image]
-
-
-def od_to_rgb(od: np.ndarray) -> np.ndarray:
-  """Inverse of ``rgb_to_od``, rounded to uint8."""
-  return _to_uint8(256 * np.exp(-od) - 1)  # -od: a new float temporary
+  x = np.ascontiguousarray(_channels_first(image), np.float32)
+  return _to_image(_to_uint8(_affine(x, m + mix, b)), image.shape)
 
 
 def od_colour(image: np.ndarray, rng: np.random.Generator,
               strength: float = 1.0) -> np.ndarray:
-  """Seed 001's CA-OD: a random linear map in optical-density space.
+  """Lafarge & Koelzer's CA-OD: a random linear map in optical-density space.
 
-  The OD is unmixed into haematoxylin / eosin / residual concentrations
-  (Ruifrok's vectors), each stain scaled by 1 +- 0.2 s, shifted by +- 0.03 s
-  OD and mixed with the others by +- 0.05 s, and mixed back; all of it is
-  one 3x3 map plus bias in OD space. Scaling a stain changes how dark it is
-  while white stays white (OD 0), which is how stain and scanner vary.
+  The OD (``stain.rgb_to_od``) is unmixed into haematoxylin / eosin /
+  residual concentrations (``stain.DEFAULT_STAIN_MATRIX``, Ruifrok's
+  vectors), each stain scaled by 1 +- 0.2 s, shifted by +- 0.03 s OD and
+  mixed with the others by +- 0.05 s, and mixed back; all of it is one 3x3
+  map plus bias in OD space. Scaling a stain changes how dark it is while
+  white stays white (OD 0), which is how stain and scanner vary.
   ``strength`` 0 is the identity.
   """
   if strength == 0:
@@ -331,50 +290,11 @@ def od_colour(image: np.ndarray, rng: np.random.Generator,
   mix = s * rng.uniform(-0.05, 0.05, (3, 3))
   np.fill_diagonal(mix, 0)
   bias = s * rng.uniform(-0.03, 0.03, 3)
-  # od = c @ HED  =>  c = od @ inv(HED); c' = c @ (a + mix) + bias; od' = c' @ HED
-  m = np.linalg.inv(_HED) @ (a + mix) @ _HED
-  od = _affine(_channels_first(image, _OD_LUT), m, bias @ _HED)
-  np.negative(od, out=od)
-  np.exp(od, out=od)
-  od *= 256
-  od -= 1
-  return _to_image(od, image.shape)
-
-
-def bcs_jitter(image: np.ndarray, rng: np.random.Generator,
-               brightness: float = 0.0, contrast: float = 0.0,
-               saturation: float = 0.0) -> np.ndarray:
-  """Brightness (+- b of full range), contrast (x 1 +- c about the mean) and
-  saturation (x 1 +- s about the grey value) jitter; all 0 is the identity."""
-  if brightness == contrast == saturation == 0:
-    return image.copy()
-  x = image.astype(np.float32)
-  grey = x @ np.asarray([0.299, 0.587, 0.114], np.float32)
-  x = grey[..., None] + (x - grey[..., None]) * (1 + rng.uniform(-saturation, saturation))
-  mean = float(grey.mean())
-  x = mean + (x - mean) * (1 + rng.uniform(-contrast, contrast))
-  x += rng.uniform(-brightness, brightness) * 255
-  return _to_uint8(x)
-
-
-def gaussian_blur(image: np.ndarray, rng: np.random.Generator,
-                  max_sigma: float) -> np.ndarray:
-  """Gaussian blur with sigma uniform in [0, max_sigma] px (focus variation)."""
-  sigma = rng.uniform(0, max_sigma) if max_sigma > 0 else 0.0
-  if sigma < 0.1:
-    return image.copy()
-  out = ndi.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0))
-  return _to_uint8(out)
-
-
-def gaussian_noise(image: np.ndarray, rng: np.random.Generator,
-                   max_std: float) -> np.ndarray:
-  """Additive Gaussian noise, std uniform in [0, max_std] grey levels."""
-  if max_std <= 0:
-    return image.copy()
-  std = rng.uniform(0, max_std)
-  noise = rng.standard_normal(image.shape, dtype=np.float32) * std
-  return _to_uint8(image.astype(np.float32) + noise)
+  # od = c @ M  =>  c = od @ inv(M); c' = c @ (a + mix) + bias; od' = c' @ M
+  hed = stain.DEFAULT_STAIN_MATRIX.astype(np.float64)
+  m = np.linalg.inv(hed) @ (a + mix) @ hed
+  od = _affine(stain.rgb_to_od(_channels_first(image)), m, bias @ hed)
+  return _to_image(stain.od_to_rgb(od), image.shape)
 
 
 # --------------------------------------------------------------- the chain --
@@ -385,33 +305,23 @@ class Augmenter:
   """The augmentation chain of the training pipeline.
 
   Order: elastic (on the whole input, so the reflected border lands in the
-  shift margin), shift crop, D4, colour, brightness/contrast/saturation,
-  blur, noise. Colour comes last so it runs on the smallest image.
+  shift margin), shift crop, D4, colour. Colour comes last so it runs on the
+  smallest image.
 
   Attributes:
     d4: random flip/rotation from the 8-element dihedral group.
     max_shift: the input carries this margin per side; the output is the
       input cropped by it at a random offset (``random_shift``).
     elastic: (alpha, sigma) in px, or None (see ``elastic``).
-    elastic_p: probability of applying the elastic deformation.
     colour: "none", "rgb" (CA-RGB) or "od" (CA-OD).
     strength: colour strength (0 = identity, 1 = strong).
-    brightness, contrast, saturation: ``bcs_jitter`` ranges (0 = off).
-    blur_sigma: maximum Gaussian blur sigma in px (0 = off).
-    noise_std: maximum Gaussian noise std in grey levels (0 = off).
   """
 
   d4: bool = True
   max_shift: int = 0
   elastic: tuple[float, float] | None = None
-  elastic_p: float = 1.0
   colour: str = "none"
   strength: float = 1.0
-  brightness: float = 0.0
-  contrast: float = 0.0
-  saturation: float = 0.0
-  blur_sigma: float = 0.0
-  noise_std: float = 0.0
 
   def __post_init__(self):
     if self.colour not in COLOURS:
@@ -433,7 +343,7 @@ class Augmenter:
     """
     points = _check(image, points)
     keep = np.ones(len(points), bool)
-    if self.elastic is not None and rng.random() < self.elastic_p:
+    if self.elastic is not None:
       image, points, k = elastic(image, points, rng, *self.elastic)
       keep = compose_keep(keep, k)
     if self.max_shift:
@@ -446,10 +356,4 @@ class Augmenter:
       image = rgb_colour(image, rng, self.strength)
     elif self.colour == "od":
       image = od_colour(image, rng, self.strength)
-    if self.brightness or self.contrast or self.saturation:
-      image = bcs_jitter(image, rng, self.brightness, self.contrast, self.saturation)
-    if self.blur_sigma:
-      image = gaussian_blur(image, rng, self.blur_sigma)
-    if self.noise_std:
-      image = gaussian_noise(image, rng, self.noise_std)
     return np.ascontiguousarray(image), points.astype(np.float32), keep

@@ -7,7 +7,7 @@ given as ``config.data.extra_truth``) turns that domain into a held-out
 *test* domain; it is never part of training or validation.
 
 Splits (``config.data.split``):
-  "train_val"       domain- and label-stratified 80/20 (seed 001)
+  "train_val"       domain- and label-stratified 80/20 (Lafarge & Koelzer)
   "official"        MIDOG++'s train/test; validation carved out of train
   "lodo:<domain>"   leave one domain out: it becomes a held-out set
 """
@@ -32,6 +32,15 @@ class ExperimentData:
   val: list[midog.Case]
   heldout: dict[str, list[midog.Case]]  # evaluation-only sets, by name
   unlabeled: list[midog.Case]           # images without labels (for mining)
+
+  @property
+  def pool_cases(self) -> list[midog.Case]:
+    """The cases a negative pool's case indices refer to: train, then unlabeled.
+
+    A mined pool may point into the unlabeled images (stain-mined negatives);
+    they carry no mitoses, so they only ever give pool negatives.
+    """
+    return self.train + self.unlabeled
 
   def describe(self) -> str:
     parts = [f"train {len(self.train)}", f"val {len(self.val)}"]

@@ -19,13 +19,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from midog_jax.detections import IMPOSTER, MITOSIS
 from midog_jax.errors import DataError
 
-MITOSIS = 1
-IMPOSTER = 2
 CATEGORY_NAMES = {MITOSIS: "mitotic figure", IMPOSTER: "not mitotic figure"}
 
-# MIDOG 2021: scanner by image-id range (the dataset paper; seed 000).
+# MIDOG 2021: scanner by image-id range (Aubreville et al., the MIDOG 2021 dataset paper).
 MIDOG21_SCANNERS = (
     (1, 50, "Hamamatsu XR", 0.23),
     (51, 100, "Hamamatsu S360", 0.23),
@@ -363,7 +362,7 @@ def attach_truth(dataset: MidogDataset, truth: str | os.PathLike) -> MidogDatase
 
 def split_train_val(cases: Sequence[Case], val_fraction: float = 0.2,
                     seed: int = 0) -> tuple[list[Case], list[Case]]:
-  """Domain- and label-stratified train/validation split (seed 001's 80/20).
+  """Domain- and label-stratified train/validation split (Lafarge & Koelzer's 80/20).
 
   Unlabeled cases are never part of a supervised split. Within each domain,
   cases are ordered by mitosis count and cut into consecutive groups of

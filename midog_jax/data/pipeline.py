@@ -3,12 +3,12 @@
 The stream is a ``grain.MapDataset`` over global example indices. Example ``i``
 is a pure function of ``(seed, i)``: its own ``np.random.Generator`` picks the
 case and the patch window (``sampling.py``), the window is read lazily
-(``slides.py``) with a margin for shifts and elastic warps, augmented
-(``augment.py``) and cropped. Because examples are made *before* the stream
-is sliced per process, the set of examples in global batch ``s`` does not
-depend on the number of processes (hosts): process ``p`` of ``P`` takes
-examples ``p, p + P, ...``. Batches have fixed shapes; point labels are padded
-to ``max_points`` with a mask.
+(``slides.py``) with a margin for shifts and elastic warps, and augmented
+(``augment.py``, whose random shift crops the margin off again). Because
+examples are made *before* the stream is sliced per process, the set of
+examples in global batch ``s`` does not depend on the number of processes
+(hosts): process ``p`` of ``P`` takes examples ``p, p + P, ...``. Batches have
+fixed shapes; point labels are padded to ``max_points`` with a mask.
 
 Worker processes (``num_workers > 0``) pickle the example maker; slides hold
 no open handles when pickled and are reopened in each worker. Scripts using
@@ -32,7 +32,6 @@ from midog_jax.data.midog import IMPOSTER, MITOSIS, Case
 # Far larger than any run needs; MapDataset is lazy so this costs nothing.
 _INFINITE = 2 ** 40
 STRATEGIES = ("mitosis_centred", "imposter_centred", "random", "balanced")
-_POOL_JITTER_PX = 3.0  # sampling.sample_balanced's default jitter_px
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +40,7 @@ class PatchConfig:
 
   patch_size: int = 512
   strategy: str = "mitosis_centred"   # one of STRATEGIES
-  p_mitosis: float = 0.5              # seed 000: mitosis-centred with p=0.5
+  p_mitosis: float = 0.5              # Sheta (MIDOG 2021) uses p = 0.5
   stratify_domains: bool = False      # equal numbers of patches per domain
   neg_min_dist_px: float = 60.0       # balanced: negatives this far from mitoses
   imposter_fraction: float = 0.5      # balanced: share of negatives on imposters
@@ -60,11 +59,15 @@ class PatchConfig:
       raise ValueError(f"colour must be rgb, od or none, got {self.colour!r}")
 
   @classmethod
-  def from_config(cls, cfg: Any) -> "PatchConfig":
-    """Builds from a ConfigDict (or dict), ignoring keys that are not fields."""
+  def from_config(cls, cfg: Any, **overrides) -> "PatchConfig":
+    """Builds from a ConfigDict (or dict), ignoring keys that are not fields.
+
+    ``overrides`` replace config values computed elsewhere (the detector's
+    ``patch_size`` when the config leaves it 0).
+    """
     names = {f.name for f in dataclasses.fields(cls)}
     items = cfg.items() if hasattr(cfg, "items") else vars(cfg).items()
-    return cls(**{k: v for k, v in items if k in names})
+    return cls(**{**{k: v for k, v in items if k in names}, **overrides})
 
   @property
   def margin(self) -> int:
@@ -96,12 +99,12 @@ class PatchMaker:
   """Example ``i`` -> dict of arrays; picklable (used by grain workers).
 
   ``negatives`` (optional, "balanced" only): an (N, 3) pool of (case_index,
-  x, y) negative centres into ``cases`` (seed 001's mined negatives). Odd
-  examples are then centred (+ the positives' jitter) on a pool entry drawn
-  uniformly, instead of on ``sample_balanced``'s imposters and random points;
-  positives still come from the cases with mitotic figures (with
-  ``stratify_domains``, cycling over the domains that have figures only, so
-  unlabeled cases added for their pool entries never take positive slots).
+  x, y) negative centres into ``cases`` (Lafarge & Koelzer's mined negatives,
+  MIDOG 2022). Odd examples are then centred (+ the positives' jitter) on a
+  pool entry drawn uniformly, instead of on ``sample_balanced``'s imposters
+  and random points; positives still come from the cases with mitotic figures
+  (with ``stratify_domains``, cycling over the domains that have figures only,
+  so unlabeled cases added for their pool entries never take positive slots).
   """
 
   def __init__(self, cases: Sequence[Case], cfg: PatchConfig, seed: int,
@@ -130,6 +133,7 @@ class PatchMaker:
       raise ValueError("balanced sampling needs at least one mitotic figure")
     self.augmenter = augment_lib.Augmenter(
         d4=cfg.d4 and augment,
+        max_shift=cfg.margin if augment else 0,
         elastic=((cfg.elastic_alpha, cfg.elastic_sigma)
                  if augment and cfg.elastic_alpha > 0 else None),
         colour=cfg.colour if augment else "none",
@@ -163,8 +167,8 @@ class PatchMaker:
       return sampling.sample_imposter_centred(case, ci, size, rng, p=cfg.p_mitosis)
     if cfg.strategy == "random":
       return sampling.sample_random(case, ci, size, rng)
-    # balanced (seed 001): even indices positive, odd negative, so each batch
-    # of even size is exactly half and half.
+    # balanced (Lafarge & Koelzer): even indices positive, odd negative, so
+    # each batch of even size is exactly half and half.
     return sampling.sample_balanced(
         case, ci, size, rng, positive=(index % 2 == 0),
         min_dist_px=cfg.neg_min_dist_px,
@@ -173,13 +177,10 @@ class PatchMaker:
   def _pool_negative(self, rng: np.random.Generator) -> sampling.PatchRequest:
     """A window centred (+ jitter) on a uniformly drawn pool negative."""
     ci, x, y = self.negatives[int(rng.integers(len(self.negatives)))]
-    case = self.cases[int(ci)]
-    # The same +-3 px jitter as sample_balanced gives positives, so centring
-    # precision does not tell the classes apart.
-    jit = rng.uniform(-_POOL_JITTER_PX, _POOL_JITTER_PX, 2)
-    x = float(np.clip(x + jit[0], 0, case.width - 1))
-    y = float(np.clip(y + jit[1], 0, case.height - 1))
-    return sampling.centred_request(int(ci), x, y, self.cfg.patch_size, "negative")
+    # The same jitter as sample_balanced gives positives, so the precision of
+    # the centring does not tell the classes apart.
+    return sampling.jittered_request(self.cases[int(ci)], int(ci), (x, y),
+                                     self.cfg.patch_size, "negative", rng)
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     req = self.request(index)
@@ -191,25 +192,22 @@ class PatchMaker:
     points, classes = _labels_in_window(case, x0, y0, big)
     rng = np.random.default_rng([self.seed, index, 1])
     if self.augment:
+      # The augmenter's random shift crops the margin: patch_size comes out.
       image, points, keep = self.augmenter(image, points, rng)
       classes = classes[keep]
-      if m:
-        dx, dy = rng.integers(0, 2 * m + 1, size=2)
-        image, points, keep = augment_lib.crop(image, points, int(dx), int(dy),
-                                               cfg.patch_size)
-        classes = classes[keep]
     return _pack(image, points, classes, cfg.max_points, dict(
         domain=self._domain_ids[case.domain], image_id=case.image_id,
         x0=req.x0, y0=req.y0, positive=int(req.kind == "mitosis")))
 
 
-def _labels_in_window(case: Case, x0: int, y0: int, size: int):
+def _labels_in_window(case: Case, x0: int, y0: int, size: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """The case's points inside the window (window coordinates) and classes."""
   pts = np.concatenate([case.mitoses, case.imposters]).astype(np.float32)
   cls = np.concatenate([np.full(len(case.mitoses), MITOSIS, np.int32),
                         np.full(len(case.imposters), IMPOSTER, np.int32)])
-  pts = pts - np.asarray([x0, y0], np.float32)
-  inside = np.all((pts >= -0.5) & (pts < size - 0.5), axis=1)
-  return pts[inside], cls[inside]
+  pts, keep = sampling.points_in_window(pts, x0, y0, size)
+  return pts, cls[keep]
 
 
 def _pack(image, points, classes, max_points, extra) -> dict[str, np.ndarray]:

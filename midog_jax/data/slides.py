@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 import threading
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 import tifffile
 import zarr
 
+from midog_jax.data.tiff_meta import spacing_from_tags  # noqa: F401 (part of this API)
 from midog_jax.errors import DataError
 
 PAD_MODES = ("constant", "reflect")
@@ -45,37 +45,22 @@ _COLOUR_CHANNELS = {
 }
 _ALPHA = {tifffile.EXTRASAMPLE.ASSOCALPHA: "assoc",
           tifffile.EXTRASAMPLE.UNASSALPHA: "unassoc"}
-# Microns per ResolutionUnit. 4 and 5 are tifffile's (non-baseline) extensions.
-_UM_PER_UNIT = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
-_APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)")
+def grid_origins(length: int, patch_size: int, stride: int) -> np.ndarray:
+  """Window origins along one axis of ``length`` pixels (the one tile grid).
 
-
-def spacing_from_tags(tif: tifffile.TiffFile | tifffile.TiffPage) -> float | None:
-  """Pixel spacing in microns from a TIFF's first page, or None if unknown.
-
-  Uses ``XResolution`` (pixels per unit, a rational) with ``ResolutionUnit``
-  INCH (25,400 um) or CENTIMETER (10,000 um); tifffile's MILLIMETER and
-  MICROMETER extensions are honoured too. Returns None when XResolution is
-  absent or zero, or when the unit is NONE or missing: the TIFF default for a
-  missing unit is inch, but writers that omit it nearly always wrote a
-  placeholder such as 72 dpi (352 um/px), which would silently wreck every
-  distance in microns. Falls back to the ``MPP = x`` field of an Aperio
-  ImageDescription. Only the X resolution is used (pixels are assumed square).
+  Origins ``0, stride, 2*stride, ...`` while the window fits, plus one window
+  flush with the far border when the stride leaves pixels uncovered, so no
+  window reaches past the image unless the image is smaller than one window
+  (then one origin 0, and the reader pads). Used for whole-image inference
+  tiles (``infer.tile_origins``) and the TFDS patch grids.
   """
-  page = tif.pages.first if isinstance(tif, tifffile.TiffFile) else tif
-  tags = page.tags
-  xres, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
-  if xres is not None and unit is not None and int(unit.value) in _UM_PER_UNIT:
-    value = xres.value
-    num, den = (value if isinstance(value, tuple) else (value, 1))
-    if num and den:
-      return _UM_PER_UNIT[int(unit.value)] * float(den) / float(num)
-  desc = getattr(page, "description", "") or ""
-  if desc.startswith("Aperio"):
-    found = _APERIO_MPP.search(desc)
-    if found and float(found.group(1)) > 0:
-      return float(found.group(1))
-  return None
+  if stride < 1:
+    raise ValueError(f"the stride must be positive, got {stride}")
+  last = max(length - patch_size, 0)
+  origins = np.arange(0, last + 1, stride, dtype=np.int64)
+  if origins[-1] != last:
+    origins = np.append(origins, last)
+  return origins
 
 
 def check_size(slide: Slide, width: int, height: int, source: str | os.PathLike) -> None:

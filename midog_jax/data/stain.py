@@ -1,11 +1,31 @@
-"""Stain tools: Beer-Lambert optical density, Macenko unmixing, HED jitter, blue ratio.
+"""Stain space: optical density, Macenko stain matrices, unmixing, blue ratio.
 
-Convention: optical density uses the NATURAL logarithm,
-``OD = -ln(I / I0)`` with ``I0`` the background (white) intensity, so
-``I = I0 * exp(-OD)``. (Macenko et al. 2009 use log10; the stain *directions*
-are the same either way, only concentrations scale by ln(10).) Intensities are
-clipped to at least 1 before the log, so a black pixel has a finite OD
-(``ln(255) ~= 5.5``) instead of infinity.
+Optical density (the one convention of the package; ``augment.py`` imports it
+from here)::
+
+  OD = -ln((I + 1) / 256)        I = 256 * exp(-OD) - 1
+
+for uint8 intensities ``I``, per channel. This is Beer-Lambert with the
+intensity counted from 1 (``I + 1`` in 1..256) against the white background
+256, the form of the widely used Macenko implementation
+(``-log((I + 1) / Io)``). It is chosen because it is:
+
+  * exactly 0 on white (I = 255): glass has no absorbance, so a stain change
+    in OD space leaves the background white;
+  * finite and largest on black (``ln 256 ~= 5.55``), with no clipping, and
+    never negative on uint8 input;
+  * one-to-one on the 256 uint8 values, so ``od_to_rgb(rgb_to_od(x)) == x``
+    for every pixel: an OD-space transform that changes nothing changes no
+    pixel (``-ln(max(I, 1) / 255)`` would send 0 and 1 to the same OD).
+
+The logarithm is natural: Macenko et al. (2009) use log10, which scales
+every OD (and concentration) by 1 / ln 10 but gives the same stain
+*directions*. Macenko's transparency threshold ``MACENKO_BETA`` = 0.15 is an
+OD in this convention (about I <= 219 in every channel).
+
+uint8 images take the hot path, a 256-entry lookup table indexed by the image
+(the augmentation converts every training patch; a gather is several times
+faster than a logarithm per pixel).
 
 Stain matrices are (3, 3) float32 with one unit OD vector per ROW, in the order
 hematoxylin, eosin, residual; an image's OD is ``C @ M`` for concentrations
@@ -15,6 +35,48 @@ hematoxylin, eosin, residual; an image's OD is ``C @ M`` for concentrations
 from __future__ import annotations
 
 import numpy as np
+
+# Macenko's OD threshold below which a pixel counts as transparent (glass).
+MACENKO_BETA = 0.15
+
+
+def _od(intensity: np.ndarray) -> np.ndarray:
+  """The OD formula itself, for intensities already in [0, 255]."""
+  return -np.log((np.asarray(intensity, np.float32) + 1) / np.float32(256))
+
+
+# OD of each uint8 value: exactly 0 at 255, ln(256) at 0.
+_OD_LUT = _od(np.arange(256)).astype(np.float32)
+_OD_LUT[255] = 0.0  # -log(1.0) is -0.0; a plain 0 compares and prints cleanly
+
+
+def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
+  """Optical density ``-ln((I + 1) / 256)`` as float32 of the same shape.
+
+  uint8 input (any shape or strides, e.g. a channel-first view) goes through
+  the lookup table. Other dtypes are clipped to [0, 255] first, since
+  intensities outside the uint8 range do not exist in the images.
+  """
+  rgb = np.asarray(rgb)
+  if rgb.dtype == np.uint8:
+    return _OD_LUT[rgb]
+  return np.maximum(_od(np.clip(rgb, 0, 255)), np.float32(0))
+
+
+def od_to_rgb(od: np.ndarray) -> np.ndarray:
+  """Inverse of :func:`rgb_to_od`: ``256 * exp(-od) - 1`` rounded to uint8.
+
+  Values past the uint8 range (negative OD, or OD past black) saturate at 255
+  and 0.
+  """
+  i = np.negative(od, dtype=np.float32)  # a new temporary, then in place
+  np.exp(i, out=i)
+  i *= 256
+  i -= 1
+  np.clip(i, 0, 255, out=i)
+  i += 0.5  # truncating a value in [0.5, 255.5] rounds it
+  return i.astype(np.uint8)
+
 
 # Ruifrok & Johnston (2001) H and E OD vectors (normalised), the usual default
 # when no image-specific matrix is estimated.
@@ -44,24 +106,8 @@ def complete_stain_matrix(h: np.ndarray, e: np.ndarray) -> np.ndarray:
 DEFAULT_STAIN_MATRIX = complete_stain_matrix(_H_REF, _E_REF)
 
 
-def rgb_to_od(rgb: np.ndarray, background: float = 255.) -> np.ndarray:
-  """Optical density ``-ln(max(I, 1) / background)`` as float32, same shape.
-
-  Values brighter than the background give OD 0 (not negative), since
-  Beer-Lambert has no negative absorbance.
-  """
-  i = np.maximum(np.asarray(rgb, np.float32), 1.0)
-  return np.maximum(-np.log(i / np.float32(background)), 0.0).astype(np.float32)
-
-
-def od_to_rgb(od: np.ndarray, background: float = 255.) -> np.ndarray:
-  """Inverse of :func:`rgb_to_od`: ``background * exp(-od)``, rounded to uint8."""
-  i = np.float32(background) * np.exp(-np.asarray(od, np.float32))
-  return np.clip(np.rint(i), 0, 255).astype(np.uint8)
-
-
-def macenko(rgb: np.ndarray, beta: float = 0.15, alpha: float = 1.0,
-            background: float = 255.) -> tuple[np.ndarray, np.ndarray]:
+def macenko(rgb: np.ndarray, beta: float = MACENKO_BETA, alpha: float = 1.0
+            ) -> tuple[np.ndarray, np.ndarray]:
   """Estimates an image's stain matrix with Macenko et al. (2009).
 
   Pixels whose OD is below ``beta`` in any channel (glass, lumen) are dropped;
@@ -74,7 +120,6 @@ def macenko(rgb: np.ndarray, beta: float = 0.15, alpha: float = 1.0,
     rgb: (..., 3) uint8 image.
     beta: OD threshold for transparent pixels.
     alpha: percentile (in %) of the angular extremes.
-    background: white intensity.
 
   Returns:
     ``(stain_matrix, max_conc)``: the (3, 3) float32 matrix with unit rows H
@@ -85,7 +130,7 @@ def macenko(rgb: np.ndarray, beta: float = 0.15, alpha: float = 1.0,
   Raises:
     ValueError: fewer than 10 stained pixels (nothing to estimate from).
   """
-  od = rgb_to_od(np.asarray(rgb).reshape(-1, 3), background).astype(np.float64)
+  od = rgb_to_od(np.asarray(rgb).reshape(-1, 3)).astype(np.float64)
   od = od[np.all(od >= beta, axis=1)]
   if len(od) < 10:
     raise ValueError(f"macenko: only {len(od)} pixels have OD >= {beta} in all "
@@ -111,47 +156,15 @@ def macenko(rgb: np.ndarray, beta: float = 0.15, alpha: float = 1.0,
   return m, max_conc
 
 
-def unmix(rgb: np.ndarray, stain_matrix: np.ndarray = DEFAULT_STAIN_MATRIX,
-          background: float = 255.) -> np.ndarray:
+def unmix(rgb: np.ndarray, stain_matrix: np.ndarray = DEFAULT_STAIN_MATRIX
+          ) -> np.ndarray:
   """Per-pixel concentrations (..., 3) of H, E and residual (float32).
 
   Solves ``OD = C @ M`` exactly with the inverse of the (3, 3) matrix.
   """
   m = np.asarray(stain_matrix, np.float64)
   inv = np.linalg.inv(m).astype(np.float32)
-  return rgb_to_od(rgb, background) @ inv
-
-
-def hed_jitter(rgb: np.ndarray, rng: np.random.Generator, sigma: float = 0.05,
-               bias: float = 0.05, stain_matrix: np.ndarray | None = None,
-               background: float = 255.) -> np.ndarray:
-  """Random per-stain scale and shift in OD space (seed 001's CA-OD).
-
-  Each concentration ``c_k`` (H, E, residual) becomes
-  ``c_k * a_k + b_k`` with ``a_k ~ U(1 - sigma, 1 + sigma)`` and
-  ``b_k ~ U(-bias, bias)`` (Tellez et al. 2018). The change is applied as an
-  OD *difference*, ``I' = I * exp(-dOD)``, which equals re-rendering through
-  Beer-Lambert but leaves the image bit-identical when the change is zero
-  (and keeps saturated black pixels black instead of clipping them).
-
-  Args:
-    rgb: (..., 3) uint8 image (one image; one draw of a and b).
-    rng: numpy Generator.
-    sigma, bias: jitter strengths.
-    stain_matrix: (3, 3) rows H, E, residual; default Ruifrok's H&E.
-
-  Returns:
-    uint8 image of the same shape.
-  """
-  m = DEFAULT_STAIN_MATRIX if stain_matrix is None else np.asarray(stain_matrix,
-                                                                   np.float32)
-  a = rng.uniform(1 - sigma, 1 + sigma, 3).astype(np.float32)
-  b = rng.uniform(-bias, bias, 3).astype(np.float32)
-  rgb = np.asarray(rgb)
-  conc = unmix(rgb, m, background)
-  d_od = (conc * (a - 1) + b) @ m
-  out = rgb.astype(np.float32) * np.exp(-d_od)
-  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+  return rgb_to_od(rgb) @ inv
 
 
 def blue_ratio(rgb: np.ndarray) -> np.ndarray:

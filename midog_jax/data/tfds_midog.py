@@ -2,10 +2,11 @@
 
 Whole MIDOG regions of interest are ~7000x5400 px (39 Mpx), too big to be one
 example, so each example is one square patch of a regular grid over a case,
-with the labels of the points that fall inside it (in patch coordinates). The
-files are ``array_record``, read by random access (grain) without TensorFlow:
-images are handed to TFDS as already-encoded PNG bytes, so TFDS never needs TF
-to encode or decode them.
+with the labels of the points that fall inside it, in patch coordinates (a
+point belongs to each patch that holds its pixel: ``sampling.points_in_window``,
+the rule the training pipeline uses too). The files are ``array_record``, read
+by random access (grain) without TensorFlow: images are handed to TFDS as
+already-encoded PNG bytes, so TFDS never needs TF to encode or decode them.
 
 Build (the images are downloaded by hand, see ``MANUAL_DOWNLOAD_INSTRUCTIONS``)::
 
@@ -45,7 +46,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from midog_jax.data import midog, slides
+from midog_jax.data import midog, sampling, slides
 from midog_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -121,28 +122,6 @@ def patch_config(kind: str, patch_size: int = 512, stride: int = 512,
       description=f"{kind}: {patch_size} px patches every {stride} px")
 
 
-def grid_origins(length: int, patch_size: int, stride: int) -> np.ndarray:
-  """Patch origins along one axis of ``length`` pixels.
-
-  Origins ``0, stride, 2*stride, ...`` while the patch fits, plus one patch
-  flush with the far border when the stride leaves pixels uncovered, so no
-  patch is padded unless the image is smaller than one patch (then one origin
-  0, and the patch is padded with ``PAD_VALUE``).
-  """
-  last = max(length - patch_size, 0)
-  origins = np.arange(0, last + 1, stride, dtype=np.int64)
-  if origins[-1] != last:
-    origins = np.append(origins, last)
-  return origins
-
-
-def _points_in(points: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:
-  """Points inside the patch at (x0, y0), shifted to patch coordinates."""
-  rel = points.reshape(-1, 2).astype(np.float32) - np.float32([x0, y0])
-  inside = np.all((rel >= 0) & (rel < size), axis=1)
-  return rel[inside]
-
-
 def _encode_png(patch: np.ndarray) -> bytes:
   # Encoded bytes go into the record unchanged; a numpy array would make TFDS
   # encode it with TensorFlow.
@@ -154,8 +133,12 @@ def _encode_png(patch: np.ndarray) -> bytes:
 class MidogPatches(tfds.core.GeneratorBasedBuilder):
   """MIDOG 2021 / MIDOG++ cases cut into a grid of labelled patches."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Patch grid over each case, points in patch coords."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Patch grid over each case, points in patch coords.",
+      "1.1.0": "A point belongs to the patch holding its pixel: patch coords "
+               "in [-0.5, size - 0.5) instead of [0, size).",
+  }
   BUILDER_CONFIGS = [patch_config("midog21"), patch_config("midogpp")]
   DEFAULT_BUILDER_CONFIG_NAME = "midog21"
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
@@ -248,10 +231,12 @@ class MidogPatches(tfds.core.GeneratorBasedBuilder):
         slides.check_size(slide, c.width, c.height, annotations)
         # The TIFF's resolution tags win over the scanner's nominal spacing.
         spacing = slide.spacing_um or c.spacing_um
-        for y0 in grid_origins(c.height, size, stride):
-          for x0 in grid_origins(c.width, size, stride):
+        for y0 in slides.grid_origins(c.height, size, stride):
+          for x0 in slides.grid_origins(c.width, size, stride):
             x0, y0 = int(x0), int(y0)
             patch = slide.read(x0, y0, size, size, pad_value=PAD_VALUE)
+            mitoses, _ = sampling.points_in_window(c.mitoses, x0, y0, size)
+            imposters, _ = sampling.points_in_window(c.imposters, x0, y0, size)
             yield f"{c.image_id:04d}_{y0:06d}_{x0:06d}", {
                 "image": _encode_png(patch),
                 "image_id": c.image_id,
@@ -261,8 +246,8 @@ class MidogPatches(tfds.core.GeneratorBasedBuilder):
                 "scanner": c.scanner,
                 "tumor_type": c.tumor_type,
                 "spacing_um": np.float32(spacing),
-                "mitoses": _points_in(c.mitoses, x0, y0, size),
-                "imposters": _points_in(c.imposters, x0, y0, size),
+                "mitoses": mitoses,
+                "imposters": imposters,
             }
 
 

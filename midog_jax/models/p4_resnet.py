@@ -1,4 +1,4 @@
-"""P4-equivariant fully convolutional ResNet for dense mitosis maps (seed 001).
+"""P4-equivariant fully convolutional ResNet for dense mitosis maps (Lafarge & Koelzer, MIDOG 2022).
 
 The seed asks for "a customized ResNet architecture with 70 layers and a single
 2x2 max-pooling layer such that our model has a receptive field of 78x78
@@ -46,13 +46,11 @@ must fail the equivariance test).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
 from midog_jax.models import p4
 
@@ -79,10 +77,24 @@ class LayerPlan:
   post_pool_width_mult: int = 2
 
 
-FULL_PLAN = LayerPlan()  # 70 conv layers, RF 78 (seed 001)
+FULL_PLAN = LayerPlan()  # 70 conv layers, RF 78 (Lafarge & Koelzer, MIDOG 2022)
+# A cheaper plan with the seed's receptive field for 2-core CPU runs: the same
+# stem and pool, then 8 residual blocks of two 3x3 convolutions (RF
+# 1 + 12 + 1 + 2 * 32 = 78, 22 conv layers instead of 70).
+QUICK_PLAN = LayerPlan(lift_kernel=5, pre_pool=((3, 3), (3, 3)),
+                       post_pool=((3, 3),) * 8, post_pool_width_mult=2)
 # Tiny plan for tests: 8 conv layers, RF 1 + 2 + 4 + 1 + 4 = 12.
 TINY_PLAN = LayerPlan(lift_kernel=3, pre_pool=((3, 3),),
                       post_pool=((3, 1), (1, 1)), post_pool_width_mult=1)
+# The plans a config names (``config.model.plan``).
+PLANS = {"full": FULL_PLAN, "quick": QUICK_PLAN, "tiny": TINY_PLAN}
+
+
+def plan_by_name(name: str) -> LayerPlan:
+  """The ``LayerPlan`` named ``name`` (one of ``PLANS``)."""
+  if name not in PLANS:
+    raise ValueError(f"unknown P4 plan {name!r}; known: {sorted(PLANS)}")
+  return PLANS[name]
 
 
 def _shrink(plan: LayerPlan) -> tuple[int, int]:
@@ -104,43 +116,23 @@ def num_conv_layers(plan: LayerPlan = FULL_PLAN) -> int:
   return 1 + 2 * (len(plan.pre_pool) + len(plan.post_pool)) + 1
 
 
-class OutputGeometry(NamedTuple):
-  """Where the dense output map lies on the input image.
+def output_size(in_h: int, in_w: int, plan: LayerPlan = FULL_PLAN
+                ) -> tuple[int, int]:
+  """Output map size ``(out_h, out_w)`` for an ``in_h x in_w`` input.
 
-  Output (i, j) is centred on input point ``(y, x) = (stride * i + offset,
-  stride * j + offset)`` in coordinates where pixel k covers ``[k, k + 1)``.
+  Where each output lies on the input is the detector's business
+  (``midog_jax.detectors.p4.output_to_pixels``).
   """
-
-  out_h: int
-  out_w: int
-  stride: int
-  offset: float
-  rf: int
-
-
-def output_geometry(in_h: int, in_w: int, plan: LayerPlan = FULL_PLAN
-                    ) -> OutputGeometry:
-  """Output size, stride and centre offset for an ``in_h x in_w`` input."""
   rf = receptive_field(plan)
   if min(in_h, in_w) < rf:
     raise ValueError(f"input {in_h}x{in_w} is smaller than the RF {rf}")
-  return OutputGeometry((in_h - rf) // STRIDE + 1, (in_w - rf) // STRIDE + 1,
-                        STRIDE, rf / 2, rf)
+  return (in_h - rf) // STRIDE + 1, (in_w - rf) // STRIDE + 1
 
 
 def is_equivariant_size(size: int, plan: LayerPlan = FULL_PLAN) -> bool:
   """True when an input side of ``size`` px gives exact rot90 equivariance."""
   rf = receptive_field(plan)
   return size >= rf and (size - rf) % STRIDE == 0
-
-
-def output_to_image(rows: Any, cols: Any, plan: LayerPlan = FULL_PLAN
-                    ) -> np.ndarray:
-  """Output-map indices -> (N, 2) float32 image (x, y) window centres."""
-  rf = receptive_field(plan)
-  rows = np.asarray(rows, np.float32)
-  cols = np.asarray(cols, np.float32)
-  return np.stack([STRIDE * cols + rf / 2, STRIDE * rows + rf / 2], axis=-1)
 
 
 class _Block(nn.Module):
@@ -195,15 +187,6 @@ class _DenseResNet(nn.Module):
     """Receptive field of ``plan`` in input pixels."""
     return receptive_field(self.plan)
 
-  @property
-  def output_offset(self) -> float:
-    """Output (i, j) is centred on input (2i + offset, 2j + offset)."""
-    return receptive_field(self.plan) / 2
-
-  def output_geometry(self, in_h: int, in_w: int) -> OutputGeometry:
-    """See the module-level ``output_geometry``."""
-    return output_geometry(in_h, in_w, self.plan)
-
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     """``(B, H, W, Cin)`` float -> ``(B, out_h, out_w, num_classes)`` logits."""
@@ -245,78 +228,3 @@ class PlainResNet(_DenseResNet):
   """The same plan with ordinary convolutions (``4 * width`` channels)."""
 
   group: ClassVar[bool] = False
-
-
-def _tile_origins(n_out: int, t: int) -> np.ndarray:
-  """Output origins 0, t, 2t, ... with the last tile shifted inward to n - t."""
-  starts = np.arange(0, n_out, t)
-  starts[-1] = n_out - t
-  return starts
-
-
-def dense_apply_tiled(apply_fn: Callable[[Array], Array], image: Array,
-                      tile_out: int | Sequence[int], *, rf: int = 78,
-                      stride: int = STRIDE, batch_size: int | None = None
-                      ) -> Array:
-  """Applies a dense VALID network to one image tile by tile, exactly.
-
-  Tiles of ``tile_out`` output pixels need ``(tile_out - 1) * stride + rf``
-  input pixels; neighbours overlap by ``rf - stride``. Tile origins are
-  multiples of ``stride``, so the pooling grid of every tile is the whole
-  image's, and the last row/column of tiles is shifted inward (no padding):
-  the stitched map equals ``apply_fn(image[None])[0]``.
-
-  jit-friendly: every shape and origin is static, tiles are cut with one
-  vmapped ``dynamic_slice``, run ``batch_size`` at a time under ``lax.map``
-  (all at once when None), and stitched with one gather.
-
-  Args:
-    apply_fn: ``(N, h, w, C) -> (N, h', w', K)`` with the geometry above,
-      e.g. ``lambda t: model.apply(variables, t)``.
-    image: ``(H, W, C)`` float image, ``H, W >= rf``.
-    tile_out: output tile size (int or (rows, cols)); clipped to the map.
-    rf: receptive field of the network.
-    stride: output stride of the network.
-    batch_size: tiles per call of ``apply_fn``.
-
-  Returns:
-    ``(out_h, out_w, K)`` with ``out = (in - rf) // stride + 1``.
-  """
-  if image.ndim != 3:
-    raise ValueError(f"dense_apply_tiled expects (H, W, C), got {image.shape}")
-  h, w, c = image.shape
-  if min(h, w) < rf:
-    raise ValueError(f"image {h}x{w} is smaller than the RF {rf}")
-  oh, ow = (h - rf) // stride + 1, (w - rf) // stride + 1
-  th, tw = (tile_out, tile_out) if isinstance(tile_out, int) else tile_out
-  th, tw = min(th, oh), min(tw, ow)
-  ys, xs = _tile_origins(oh, th), _tile_origins(ow, tw)
-  oy, ox = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
-  n = oy.size
-  ih, iw = (th - 1) * stride + rf, (tw - 1) * stride + rf
-  image = jnp.asarray(image)
-
-  def cut(y: Array, x: Array) -> Array:
-    return lax.dynamic_slice(image, (y * stride, x * stride, 0), (ih, iw, c))
-
-  def run(origins: Array) -> Array:
-    return apply_fn(jax.vmap(cut)(origins[:, 0], origins[:, 1]))
-
-  origins = np.stack([oy, ox], axis=1).astype(np.int32)
-  if batch_size is None or batch_size >= n:
-    out = run(jnp.asarray(origins))
-  else:
-    nb = -(-n // batch_size)
-    # Pad with copies of tile 0 so every call has the same shape.
-    pad = np.zeros((nb * batch_size - n, 2), np.int32)
-    chunks = np.concatenate([origins, pad]).reshape(nb, batch_size, 2)
-    out = lax.map(run, jnp.asarray(chunks))
-    out = out.reshape(nb * batch_size, *out.shape[2:])[:n]
-  out = out.reshape(len(ys), len(xs), th, tw, -1)
-  # Stitch: output row r comes from tile row min(r // th, last), at offset
-  # r - origin; the shifted-inward last tile fills only what is left.
-  tr = np.minimum(np.arange(oh) // th, len(ys) - 1)
-  tc = np.minimum(np.arange(ow) // tw, len(xs) - 1)
-  r_off = np.arange(oh) - ys[tr]
-  c_off = np.arange(ow) - xs[tc]
-  return out[tr[:, None], tc[None, :], r_off[:, None], c_off[None, :]]

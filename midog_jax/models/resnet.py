@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 # name -> (block kind, blocks per stage, base width)
 SPECS = {
@@ -234,7 +233,7 @@ def trainable_mask(params: Any, trainable_backbone_layers: int,
   (layer4, layer3, layer2, layer1, conv1+bn1) train, the rest of the backbone
   is frozen; everything outside the backbone (FPN, heads) always trains.
   ``params`` is either a model's params with the backbone under
-  ``backbone_key`` or a bare ResNet's params. Use with `freeze`.
+  ``backbone_key`` or a bare ResNet's params. Use with `midog_jax.optim.freeze`.
   """
   groups = set(trainable_groups(trainable_backbone_layers))
   bare = backbone_key not in params
@@ -248,15 +247,3 @@ def trainable_mask(params: Any, trainable_backbone_layers: int,
     return _group_of(str(keys[0])) in groups
 
   return jax.tree_util.tree_map_with_path(leaf, params)
-
-
-def freeze(tx: optax.GradientTransformation, mask: Any
-           ) -> optax.GradientTransformation:
-  """``tx`` on the trainable leaves, exactly zero updates on the frozen ones.
-
-  (``optax.masked(tx, mask)`` alone is not enough: it passes the raw gradient
-  through as the update of masked-out leaves.)
-  """
-  labels = jax.tree_util.tree_map(lambda m: "train" if m else "frozen", mask)
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                               labels)

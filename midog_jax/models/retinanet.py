@@ -2,12 +2,13 @@
 
 ResNet -> FPN (P3..P7 by default) -> shared classification and regression
 subnets. Output: ``(cls_logits (B, A_total, C), box_deltas (B, A_total, 4))``
-concatenated over levels in the order of `midog_jax.anchors.generate_anchors`
-(level, row, column, anchor). Box coding and matching live in
-`midog_jax.anchors`, losses in `midog_jax.losses`; `postprocess` (below)
-turns outputs into scored points. The model holds no data or loss code.
+concatenated over levels in the order of the detector's anchors (level, row,
+column, anchor). Anchors, box coding, losses and decoding live with the
+detector (``midog_jax.detectors.retinanet``); the model holds no data,
+normalisation or loss code.
 
-Faithful to torchvision v2 where it matters for reproducing seed 000:
+Faithful to torchvision v2 where it matters for reproducing Sheta's MIDOG 2021
+RetinaNet:
 * FPN: lateral 1x1 (+bias) on C_l, top-down nearest upsampling to the lateral's
   size, 3x3 output conv; P6 = 3x3/2 conv on **C5** (``LastLevelP6P7(2048,
   256)`` in v2 takes C5 because in != out channels; ``p6_input="p5"`` gives the
@@ -15,9 +16,10 @@ Faithful to torchvision v2 where it matters for reproducing seed 000:
 * heads: 4 x (3x3 conv without bias + GroupNorm(32) + ReLU), then a 3x3 conv to
   ``A*C`` logits (bias = -log((1-pi)/pi), pi = 0.01) or ``A*4`` deltas; all
   head convs N(0, 0.01) initialised; one set of weights for all levels.
-* input: float images in [0, 1] (uint8 is scaled by 1/255), normalised inside
-  with ImageNet mean/std as torchvision's transform does (turn off with
-  ``normalize_input=False``). No resizing (torchvision would rescale to 800 px).
+* input: float images, already normalised (the detector applies ImageNet
+  mean/std to [0, 1] pixels as torchvision's transform does, see
+  ``detectors.interface.normalize``). No resizing (torchvision would rescale
+  to 800 px).
 """
 
 from __future__ import annotations
@@ -30,15 +32,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from midog_jax import anchors as anchors_lib
 from midog_jax.models import resnet as resnet_lib
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # torchvision FPN / P6P7 convs: kaiming_uniform(a=1), i.e. variance 1/fan_in.
 _fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 _head_init = nn.initializers.normal(0.01)
+
+
+def check_levels(levels: Sequence[int]) -> tuple[int, ...]:
+  """Validates pyramid levels: an ascending run whose lowest is in 2..5."""
+  levels = tuple(int(l) for l in levels)
+  if not levels or list(levels) != list(range(levels[0], levels[-1] + 1)):
+    raise ValueError(f"levels must be a non-empty ascending run, got {levels}")
+  if levels[0] < 2 or levels[0] > 5:
+    raise ValueError(f"the lowest level must be in 2..5 (C2..C5), got {levels}")
+  return levels
 
 
 def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -144,7 +153,6 @@ class RetinaNet(nn.Module):
     trainable_backbone_layers: 0..5; frozen layers' BatchNorm uses running
       averages. Pair with `resnet.trainable_mask` + `resnet.freeze`.
     prior_prob: initial foreground probability of the classifier.
-    normalize_input: apply ImageNet mean/std to [0, 1] inputs.
     dtype: computation dtype (parameters stay float32; outputs are float32).
   """
 
@@ -160,7 +168,6 @@ class RetinaNet(nn.Module):
   norm: str = "batch"
   trainable_backbone_layers: int = 5
   prior_prob: float = 0.01
-  normalize_input: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -169,16 +176,12 @@ class RetinaNet(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"expected NHWC RGB images, got shape {images.shape}")
     x = images
-    if jnp.issubdtype(x.dtype, jnp.integer):
-      x = x.astype(jnp.float32) / 255.0
-    if self.normalize_input:
-      x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
     width = {"width": self.backbone_width} if self.backbone_width else {}
     feats = resnet_lib.resnet(
         self.backbone, **width, norm=self.norm,
         trainable_layers=self.trainable_backbone_layers, dtype=self.dtype,
         name="backbone")(x, train=train)
-    pyramid = FPN(levels=anchors_lib.check_levels(self.levels),
+    pyramid = FPN(levels=check_levels(self.levels),
                   channels=self.fpn_channels,
                   p6_input=self.p6_input, dtype=self.dtype, name="fpn")(feats)
     head = lambda k, bias, name: Head(
@@ -201,76 +204,3 @@ def retinanet_tiny(**kwargs) -> RetinaNet:
   kw = dict(backbone="resnet_tiny", fpn_channels=16, head_groups=8)
   kw.update(kwargs)
   return RetinaNet(**kw)
-
-
-def _suppress_by_distance(points: jax.Array, classes: jax.Array,
-                          valid: jax.Array, radius: float,
-                          class_agnostic: bool) -> jax.Array:
-  """Greedy suppression of score-sorted points, exactly, with fixed shapes.
-
-  Greedy NMS keeps ``i`` iff no kept ``j < i`` lies within ``radius``. The
-  fixed point of ``keep <- valid & ~any_{j<i}(keep_j & near_ij)`` started
-  from ``valid`` is that greedy answer (entry i is final once entries < i
-  are, so at most K rounds), and in practice it settles in a few rounds of
-  one (K, K) mask product each, far cheaper than K sequential steps.
-  """
-  k = points.shape[0]
-  d2 = jnp.sum((points[:, None] - points[None]) ** 2, axis=-1)
-  near = (d2 < radius * radius) & (jnp.arange(k)[None] < jnp.arange(k)[:, None])
-  if not class_agnostic:
-    near &= classes[:, None] == classes[None]
-
-  def body(state):
-    keep, _, it = state
-    new = valid & ~jnp.any(near & keep[None], axis=1)
-    return new, jnp.any(new != keep), it + 1
-
-  keep, _, _ = jax.lax.while_loop(lambda s: s[1] & (s[2] <= k), body,
-                                  (valid, jnp.array(True), 0))
-  return keep
-
-
-def postprocess(cls_logits: jax.Array, box_deltas: jax.Array,
-                anchors: jax.Array, score_thresh: float = 0.05,
-                topk: int = 1000, radius: float = 25.0,
-                class_agnostic: bool = False
-                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Detections as points: top-k anchors, decoded, centre-distance suppression.
-
-  MIDOG detections are points, so duplicates are removed by the distance of
-  box centres (greedy, highest score first) rather than by IoU. Unlike
-  torchvision (top-k per level), the top-k is taken over all levels at once.
-  Jit-able; fixed-size output.
-
-  Args:
-    cls_logits: (B, A, C) logits; box_deltas: (B, A, 4); anchors: (A, 4).
-    score_thresh: minimum sigmoid score.
-    topk: candidates kept before suppression, and the output size K.
-    radius: suppression radius in pixels (default 25 px, half a cell box).
-    class_agnostic: suppress across classes (default: per class, as
-      torchvision's batched NMS).
-
-  Returns:
-    ``(points (B, K, 2) xy, scores (B, K), classes (B, K) int32,
-    valid (B, K) bool)``; valid detections first, by descending score;
-    invalid slots have score 0.
-  """
-  b, a, c = cls_logits.shape
-  k = min(int(topk), a * c)
-  scores = jax.nn.sigmoid(cls_logits.astype(jnp.float32)).reshape(b, a * c)
-  top, idx = jax.lax.top_k(scores, k)  # sorted descending
-  anchor_idx, classes = idx // c, (idx % c).astype(jnp.int32)
-  deltas = jnp.take_along_axis(box_deltas.astype(jnp.float32),
-                               anchor_idx[..., None], axis=1)
-  boxes = anchors_lib.decode(jnp.asarray(anchors, jnp.float32)[anchor_idx],
-                             deltas)
-  points = 0.5 * (boxes[..., :2] + boxes[..., 2:])
-  valid = top >= score_thresh
-  keep = jax.vmap(lambda p, cl, v: _suppress_by_distance(
-      p, cl, v, radius, class_agnostic))(points, classes, valid)
-  # Compact: kept first, each group still in descending score (stable sort).
-  order = jnp.argsort(~keep, axis=1, stable=True)
-  take = lambda x: jnp.take_along_axis(x, order if x.ndim == 2
-                                       else order[..., None], axis=1)
-  keep = take(keep)
-  return (take(points), jnp.where(keep, take(top), 0.0), take(classes), keep)

@@ -1,4 +1,4 @@
-"""Seed 001's P4 rotation-equivariant ResNet as a method of the shared loop.
+"""Dense P4 rotation-equivariant ResNet detector (Lafarge & Koelzer, MIDOG 2022).
 
 Training: a patch classifier (Ciresan et al.). A ``P`` px patch with
 ``P = RF + 4k`` (RF = the receptive field, 78 for ``FULL_PLAN``) gives a
@@ -10,7 +10,7 @@ batch points are the augmented ones, so shifts, flips and elastic warps are
 accounted for. Loss: mean binary cross-entropy over the global batch.
 
 Inference: the network runs densely on each tile read with ``context``
-extra pixels per side (``infer.TileConfig.context``), giving a probability
+extra pixels per side (``tile_context``), giving a probability
 map with stride 2; candidates are its strict local maxima (see
 ``local_maxima`` for why strict) above the score threshold (the top-K per
 tile, by logit), and ``infer``'s merge applies the distance suppression.
@@ -45,23 +45,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from midog_jax import infer
-from midog_jax.data.midog import MITOSIS
+from midog_jax.detections import MITOSIS
+from midog_jax.detectors import interface
+from midog_jax.detectors.p4.decode import local_maxima, output_to_pixels
 from midog_jax.models import p4_resnet as pr
-
-# A cheaper plan with the seed's receptive field for 2-core CPU runs: the same
-# stem and pool, then 8 residual blocks of two 3x3 convolutions (RF
-# 1 + 12 + 1 + 2 * 32 = 78, 22 conv layers instead of 70).
-QUICK_PLAN = pr.LayerPlan(lift_kernel=5, pre_pool=((3, 3), (3, 3)),
-                          post_pool=((3, 3),) * 8, post_pool_width_mult=2)
-PLANS = {"full": pr.FULL_PLAN, "quick": QUICK_PLAN, "tiny": pr.TINY_PLAN}
-
-
-def plan_by_name(name: str) -> pr.LayerPlan:
-  """The ``LayerPlan`` named ``name`` (one of ``PLANS``)."""
-  if name not in PLANS:
-    raise ValueError(f"unknown P4 plan {name!r}; known: {sorted(PLANS)}")
-  return PLANS[name]
 
 
 def context_for(plan: pr.LayerPlan) -> int:
@@ -70,13 +57,6 @@ def context_for(plan: pr.LayerPlan) -> int:
   if rf % 2:
     raise ValueError(f"the receptive field {rf} must be even")
   return rf // 2 - 1
-
-
-def output_to_pixels(rows: jax.Array, cols: jax.Array, rf: int) -> jax.Array:
-  """Output-map indices -> (..., 2) float32 (x, y) in the input's pixel-index coords."""
-  off = rf / 2 - 0.5
-  return jnp.stack([pr.STRIDE * cols + off, pr.STRIDE * rows + off],
-                   axis=-1).astype(jnp.float32)
 
 
 def patch_labels(points: jax.Array, classes: jax.Array, mask: jax.Array,
@@ -99,37 +79,23 @@ def patch_labels(points: jax.Array, classes: jax.Array, mask: jax.Array,
   return jnp.any(hit, axis=-1).astype(jnp.float32)
 
 
-def local_maxima(logits: jax.Array, window: int) -> jax.Array:
-  """Bool mask of STRICT local maxima of ``logits`` (B, H, W).
-
-  A point is kept iff it is larger than every other point of its
-  ``window`` x ``window`` neighbourhood (cut at the map border). Strict, so
-  that exact ties cannot make the result depend on orientation: any rule that
-  picks one member of a plateau breaks rotation symmetry somewhere (a plateau
-  can be symmetric), while "no member of a plateau" is symmetric. Plateaus
-  are regions where the network's output is exactly constant (e.g. every
-  feature of the last layer rectified to zero), not detections. Works on
-  logits, not probabilities, so that a saturated sigmoid cannot make ties.
-  """
-  r = window // 2
-  _, h, w = logits.shape
-  padded = jnp.pad(logits, ((0, 0), (r, r), (r, r)), constant_values=-jnp.inf)
-  others = jnp.full_like(logits, -jnp.inf)
-  for dy in range(window):
-    for dx in range(window):
-      if (dy, dx) != (r, r):
-        others = jnp.maximum(others, padded[:, dy:dy + h, dx:dx + w])
-  return logits > others
-
-
-class P4Method:
+class P4Detector:
   """Builds ``P4ResNet`` from ``config.model``; loss and dense inference."""
+
+  name = "p4"
+  # Pixels scaled to about zero mean and unit scale (no pretrained weights).
+  input_mean = (0.5, 0.5, 0.5)
+  input_std = (0.25, 0.25, 0.25)
 
   def __init__(self, config):
     m = config.model
     self.cfg = m
-    self.plan = plan_by_name(m.plan)
+    self.plan = pr.plan_by_name(m.plan)
     self.rf = pr.receptive_field(self.plan)
+    self.tile_context = context_for(self.plan)
+    # One output per patch unless the config asks for larger patches.
+    self.patch_size = int(config.data.patch_size) or self.rf
+    self.centre_index(self.patch_size)
     self.model = pr.P4ResNet(
         plan=self.plan, width=m.width, num_classes=1,
         dtype=jnp.bfloat16 if m.get("dtype", "float32") == "bfloat16" else jnp.float32)
@@ -140,8 +106,7 @@ class P4Method:
 
   def _check_tiling(self, e, window: int) -> None:
     """Fails early on tilings that would make tiles disagree with the whole map."""
-    t, o = int(e.tile_size), int(e.tile_overlap)
-    c = int(e.get("tile_context", 0))
+    t, o, c = int(e.tile_size), int(e.tile_overlap), self.tile_context
     if t % 2 or o % 2:
       raise ValueError(f"P4: eval.tile_size ({t}) and eval.tile_overlap ({o}) must "
                        "be even, so every tile's map lies on the image's stride-2 grid")
@@ -159,10 +124,9 @@ class P4Method:
                        f"{patch_size}")
     return (patch_size - self.rf) // 4
 
-  def init_variables(self, rng: jax.Array, patch_size: int) -> dict:
-    """Initial ``params`` and ``batch_stats`` for ``patch_size`` px patches."""
-    self.centre_index(patch_size)
-    x = jnp.zeros((1, patch_size, patch_size, 3), jnp.float32)
+  def init_variables(self, rng: jax.Array) -> dict:
+    """Initial ``params`` and ``batch_stats`` for training patches."""
+    x = jnp.zeros((1, self.patch_size, self.patch_size, 3), jnp.float32)
     # Jitted: op-by-op initialisation of a 70-layer net takes minutes on a CPU.
     return dict(jax.jit(lambda r: self.model.init(r, x, train=False))(rng))
 
@@ -170,18 +134,21 @@ class P4Method:
     """Every parameter trains."""
     return jax.tree.map(lambda _: True, params)
 
-  def logits(self, variables: dict, images_uint8: jax.Array, train: bool):
-    """Centre logits (B,) of uint8 patches, and the updated ``batch_stats``."""
-    x = infer.to_model_input(images_uint8)
+  def _apply(self, variables: dict, images_uint8: jax.Array, train: bool):
+    x = interface.normalize(images_uint8, self.input_mean, self.input_std)
     if train:
       out, upd = self.model.apply(variables, x, train=True, mutable=["batch_stats"])
-      new_stats = upd["batch_stats"]
-    else:
-      out, new_stats = self.model.apply(variables, x, train=False), variables["batch_stats"]
+      return out, upd["batch_stats"]
+    return self.model.apply(variables, x, train=False), variables["batch_stats"]
+
+  def logits(self, variables: dict, images_uint8: jax.Array, train: bool):
+    """Centre logits (B,) of uint8 patches, and the updated ``batch_stats``."""
+    out, new_stats = self._apply(variables, images_uint8, train)
     k = self.centre_index(images_uint8.shape[1])
     return out[:, k, k, 0], new_stats
 
-  def make_patch_score_fn(self, variables: dict, patch_size: int):
+  def make_patch_score_fn(self, variables: dict, patch_size: int
+                          ) -> interface.PatchScoreFn:
     """Jitted uint8 patches (B, P, P, 3) -> probability (B,) that each is centred
     on a mitotic figure (hard-negative mining scores its pool with this)."""
     self.centre_index(patch_size)
@@ -204,22 +171,19 @@ class P4Method:
     return loss, (dict(loss=loss, accuracy=accuracy, pos_fraction=labels.mean()),
                   new_stats)
 
-  def make_tile_fn(self, variables: dict, tile_size: int, score_thresh: float,
-                   radius: float):
-    """Jitted uint8 context-padded tiles -> points, scores, classes (1), valid.
+  def make_tile_fn(self, variables: dict, score_thresh: float) -> interface.TileFn:
+    """Jitted uint8 context-padded tiles -> points, scores, classes, valid.
 
     Points are in the pixel-index coordinates of the tiles as given (the
-    caller subtracts the context). ``radius`` is applied by ``infer``'s
-    merge, not here.
+    caller subtracts the context); suppression across tiles is ``infer``'s
+    merge, within a tile the strict local maxima.
     """
-    del tile_size, radius  # shapes come from the tiles; suppression is infer's
     window, topk, rf = int(self.cfg.peak_window), int(self.cfg.topk), self.rf
     thresh = float(score_thresh)
 
     @jax.jit
     def tile_fn(tiles):
-      logit = self.model.apply(variables, infer.to_model_input(tiles),
-                               train=False)[..., 0]
+      logit = self._apply(variables, tiles, train=False)[0][..., 0]
       b, oh, ow = logit.shape
       prob = jax.nn.sigmoid(logit)
       cand = local_maxima(logit, window) & (prob >= thresh)
@@ -234,3 +198,6 @@ class P4Method:
       return pts, jnp.where(valid, scores, 0.0), classes, valid
 
     return tile_fn
+
+
+DETECTOR = P4Detector

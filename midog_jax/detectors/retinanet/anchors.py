@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from midog_jax.models.retinanet import check_levels
+
 DEFAULT_LEVELS = (3, 4, 5, 6, 7)
 DEFAULT_RATIOS = (1.0,)
 TORCHVISION_RATIOS = (0.5, 1.0, 2.0)
@@ -69,16 +71,6 @@ def num_anchors_per_location(sizes: Sequence[Sequence[float]] | None = None,
     # The heads are shared across levels, so every level needs the same count.
     raise ValueError(f"every level needs the same number of sizes, got {sizes}")
   return counts.pop() * len(ratios)
-
-
-def check_levels(levels: Sequence[int]) -> tuple[int, ...]:
-  """Validates pyramid levels: an ascending run whose lowest is in 2..5."""
-  levels = tuple(int(l) for l in levels)
-  if not levels or list(levels) != list(range(levels[0], levels[-1] + 1)):
-    raise ValueError(f"levels must be a non-empty ascending run, got {levels}")
-  if levels[0] < 2 or levels[0] > 5:
-    raise ValueError(f"the lowest level must be in 2..5 (C2..C5), got {levels}")
-  return levels
 
 
 @functools.lru_cache(maxsize=32)

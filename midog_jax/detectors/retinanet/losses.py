@@ -2,14 +2,14 @@
 
 `retinanet_loss` returns un-normalised per-example sums and positive-anchor
 counts. The training step sums them over the GLOBAL batch and divides by the
-global positive count (DESIGN: "focal loss normalised by the global positive
+global positive count ("focal loss normalised by the global positive
 count"); `normalize` does that for a batch that is all in one array (under
 ``jax.jit`` with a sharded batch that *is* the global batch).
 torchvision instead divides per image and averages images; with equal
 positives per image the two agree.
 
 Box loss (``box_loss``): "giou" (default) is what ``retinanet_resnet50_fpn_v2``
-(seed 000) uses: 1 - GIoU of the decoded box and its ground truth. "l1"
+(Sheta's report) uses: 1 - GIoU of the decoded box and its ground truth. "l1"
 (torchvision v1) and "smooth_l1" (Detectron, beta 1/9) act on the encoded
 deltas.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from midog_jax import anchors as anchors_lib
+from midog_jax.detectors.retinanet import anchors as anchors_lib
 
 BOX_LOSSES = ("giou", "smooth_l1", "l1")
 

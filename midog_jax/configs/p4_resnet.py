@@ -1,4 +1,4 @@
-"""Seed 001: a P4 rotation-equivariant ResNet (70 layers, RF 78) applied densely.
+"""P4 rotation-equivariant ResNet (70 layers, RF 78) applied densely (Lafarge & Koelzer, MIDOG 2022).
 
   python -m midog_jax.main --config=configs/p4_resnet.py:aug=rgb --workdir=runs/p4_rgb \
       --config.data.root=/data/MIDOG
@@ -28,7 +28,7 @@ layers: the same stem and pool, then 8 blocks of two 3x3 convolutions) at
 width 2 and batch 32: the 70-layer plan at width 4 took 8.4 s per batch of 64
 on the shared 2-core CPU (QUICK_PLAN width 2, batch 32: 1.2 s), and dense
 inference of either runs at only ~0.25 Mpx/s there, so evaluation alone takes
-a minute or two. See ``midog_jax/methods/p4.py`` for the coordinate convention
+a minute or two. See ``midog_jax/detectors/p4`` for the coordinate convention
 and the tiling rules (even tile size and overlap, context RF/2 - 1).
 """
 
@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
-from midog_jax.methods import p4 as p4_method
-from midog_jax.models import p4_resnet as pr
+from midog_jax.configs import common
 
 
 def model_config(plan: str = "full", width: int = 16) -> ml_collections.ConfigDict:
@@ -52,14 +50,6 @@ def model_config(plan: str = "full", width: int = 16) -> ml_collections.ConfigDi
   return m
 
 
-def _set_plan(c: ml_collections.ConfigDict, plan: str, width: int) -> None:
-  """Model plan and the patch size / tile context that go with it."""
-  c.model.plan, c.model.width = plan, width
-  rf = pr.receptive_field(p4_method.plan_by_name(plan))
-  c.data.patch_size = rf        # one output: the patch's logit
-  c.eval.tile_context = p4_method.context_for(p4_method.plan_by_name(plan))
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, tiny=False, aug="rgb")
   if a.aug not in ("rgb", "od"):
@@ -67,13 +57,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = common.base_config()
   c.method = "p4"
   c.model = model_config()
-  _set_plan(c, "full", 16)
+  # 0: the plan's receptive field (78 for "full"), computed by the detector,
+  # so each patch gives one output, its logit. The tile context (RF/2 - 1 px
+  # per side) is the detector's too.
+  c.data.patch_size = 0
   c.batch_size = 128
   c.total_steps = 40_000
   c.best_metric = "val_loss"
   # Negative mining (python -m midog_jax.mining): a pool of random
   # far-from-mitosis centres + imposters, plus residual-stain patches of the
-  # unlabeled images (seed 001); each round keeps the hardest half.
+  # unlabeled images (Lafarge & Koelzer); each round keeps the hardest half.
   c.mining = ml_collections.ConfigDict(dict(
       random_per_case=200, min_dist_px=0.0, stain_top_k=8, keep_fraction=0.5,
       score_threshold=-1.0, score_batch=32, score_patch_size=0))
@@ -107,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.merge_radius_px = 25.0
 
   if a.quick:
-    _set_plan(c, "quick", 2)
+    c.model.plan, c.model.width = "quick", 2
     c.batch_size = 32
     c.total_steps = 300
     c.optimizer.cycle_steps = 150  # two cosine cycles, validated at each end
@@ -120,7 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.tile_size = 640
     c.eval.tile_batch = 2
   if a.tiny:
-    _set_plan(c, "tiny", 2)
+    c.model.plan, c.model.width = "tiny", 2
     c.batch_size = 4
     c.total_steps = 4
     c.optimizer.warmup_steps = 0

@@ -2,7 +2,7 @@
 
 Each experiment is ``configs/<name>.py`` with ``get_config(arg)``; ``arg`` is a
 comma-separated list of ``key=value`` or bare flags, e.g. ``quick`` or
-``aug=od,quick``. Keys every config has (DESIGN.md): ``data.root``, ``seed``,
+``aug=od,quick``. Keys every config has (the project's command-line contract): ``data.root``, ``seed``,
 ``total_steps``, ``batch_size``, ``init_from``.
 """
 
@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.num_workers = 0           # grain worker processes
   c.debug_step_sleep = 0.0    # seconds slept per step (interruption tests only)
-  c.best_metric = "f1"        # "f1" (highest val F1) | "val_loss" (lowest; seed 001)
+  c.best_metric = "f1"        # "f1" (highest val F1) | "val_loss" (lowest; Lafarge & Koelzer)
   c.data = data_config()
   c.optimizer = optimizer_config()
   c.eval = eval_config()
@@ -84,7 +84,7 @@ def data_config() -> ml_collections.ConfigDict:
 
 
 def optimizer_config(name: str = "adam", lr: float = 1e-4) -> ml_collections.ConfigDict:
-  """Adam 1e-4 (seed 000) or SGD+momentum with cosine cyclic LR (seed 001)."""
+  """Adam 1e-4 (the RetinaNet) or SGD+momentum with cosine cyclic LR (the P4 ResNet)."""
   o = ml_collections.ConfigDict()
   o.name = name               # "adam" | "sgd"
   o.lr = lr
@@ -105,7 +105,6 @@ def eval_config() -> ml_collections.ConfigDict:
   e.tile_batch = 8
   e.score_thresh = 0.05       # candidates kept for the threshold sweep
   e.merge_radius_px = 25.0    # distance suppression across tiles
-  e.tile_context = 0          # extra px read per tile side (dense VALID nets, P4)
   e.max_val_images = 0        # 0 = all validation images
   e.write_overlays = True
   return e

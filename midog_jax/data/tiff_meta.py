@@ -1,0 +1,44 @@
+"""TIFF metadata: the pixel spacing (microns per pixel) of an image.
+
+Read from the resolution tags (or an Aperio description), never guessed from
+a placeholder: a wrong spacing silently wrecks every distance in microns (the
+7.5 um matching radius, millimetre outputs).
+"""
+
+from __future__ import annotations
+
+import re
+
+import tifffile
+
+# Microns per ResolutionUnit. 4 and 5 are tifffile's (non-baseline) extensions.
+_UM_PER_UNIT = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
+_APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)")
+
+
+def spacing_from_tags(tif: tifffile.TiffFile | tifffile.TiffPage) -> float | None:
+  """Pixel spacing in microns from a TIFF's first page, or None if unknown.
+
+  Uses ``XResolution`` (pixels per unit, a rational) with ``ResolutionUnit``
+  INCH (25,400 um) or CENTIMETER (10,000 um); tifffile's MILLIMETER and
+  MICROMETER extensions are honoured too. Returns None when XResolution is
+  absent or zero, or when the unit is NONE or missing: the TIFF default for a
+  missing unit is inch, but writers that omit it nearly always wrote a
+  placeholder such as 72 dpi (352 um/px), which would silently wreck every
+  distance in microns. Falls back to the ``MPP = x`` field of an Aperio
+  ImageDescription. Only the X resolution is used (pixels are assumed square).
+  """
+  page = tif.pages.first if isinstance(tif, tifffile.TiffFile) else tif
+  tags = page.tags
+  xres, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+  if xres is not None and unit is not None and int(unit.value) in _UM_PER_UNIT:
+    value = xres.value
+    num, den = (value if isinstance(value, tuple) else (value, 1))
+    if num and den:
+      return _UM_PER_UNIT[int(unit.value)] * float(den) / float(num)
+  desc = getattr(page, "description", "") or ""
+  if desc.startswith("Aperio"):
+    found = _APERIO_MPP.search(desc)
+    if found and float(found.group(1)) > 0:
+      return float(found.group(1))
+  return None

@@ -1,0 +1,103 @@
+"""The one interface every detector implements, and the helpers it shares.
+
+A detector is everything model-specific between the data pipeline and the
+whole-image machinery: it builds its Flax model from ``config.model``, says
+which parameters train, computes the training loss of a batch of augmented
+patches, and turns whole-image tiles into scored points (with its own input
+normalisation and decoding). The trainer (``train.py``), model evaluation
+(``evaluation.py``), prediction (``predict.py``) and negative mining
+(``mining``) talk to detectors only through :class:`Detector`.
+
+Batches (from ``data.pipeline``) are dicts of global arrays: ``image`` uint8
+(B, P, P, 3), ``points`` float32 (B, N, 2) (x, y) in patch pixel-index
+coordinates (pixel k spans [k - 0.5, k + 0.5]), ``classes`` int32 (B, N)
+(``detections.MITOSIS`` / ``IMPOSTER``) and ``mask`` bool (B, N).
+
+Adding a detector: see ``docs/architecture.md`` ("How to add a detector").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+
+# uint8 tiles (B, T, T, 3) -> (points (B, K, 2) (x, y) in the tiles' pixel
+# coordinates, scores (B, K), classes (B, K) int32 MITOSIS/IMPOSTER, valid
+# (B, K) bool). Jitted; fixed K so one compiled program serves every tile.
+TileFn = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
+# uint8 patches (B, P, P, 3) -> (B,) probability that each patch is centred on
+# a mitotic figure (what hard-negative mining ranks negatives by). Jitted.
+PatchScoreFn = Callable[[jax.Array], jax.Array]
+# (loss scalar, (metrics dict of scalars, new batch_stats)).
+LossOutput = tuple[jax.Array, tuple[dict[str, jax.Array], Any]]
+
+# ImageNet statistics of [0, 1] RGB pixels (torchvision's transforms): the
+# input normalisation of detectors whose backbones start from ImageNet weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images_uint8: jax.Array, mean: Sequence[float],
+              std: Sequence[float]) -> jax.Array:
+  """uint8 RGB -> float32 ``(x / 255 - mean) / std`` (per channel).
+
+  The one input normalisation of the package; each detector applies it, with
+  its own ``mean``/``std``, in its loss, tile function and patch scorer alike,
+  so training and inference see the same numbers.
+  """
+  x = images_uint8.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+@runtime_checkable
+class Detector(Protocol):
+  """What every detector provides (``midog_jax.detectors.build`` makes one).
+
+  Attributes:
+    name: the ``config.method`` that selects it.
+    model: the pure Flax module.
+    input_mean, input_std: the normalisation of [0, 1] RGB pixels that
+      :func:`normalize` applies before the model (recorded with pretrained
+      weights, so a converted checkpoint is fed what it was trained on).
+    tile_context: extra pixels the tile function needs on every side of each
+      whole-image tile (0 for "same"-padded networks; dense VALID networks
+      such as the P4 ResNet need about half their receptive field). Points it
+      returns are in the coordinates of the context-padded tiles.
+    patch_size: the training patch side (``config.data.patch_size`` when set,
+      else the detector's own, e.g. the receptive field of a patch
+      classifier).
+  """
+
+  name: str
+  model: Any
+  input_mean: tuple[float, ...]
+  input_std: tuple[float, ...]
+  tile_context: int
+  patch_size: int
+
+  def init_variables(self, rng: jax.Array) -> dict:
+    """Initial ``{"params": ..., ["batch_stats": ...]}`` for training patches."""
+
+  def trainable_mask(self, params: Any) -> Any:
+    """Pytree of bools like ``params``: False leaves are frozen (zero updates)."""
+
+  def loss(self, params: Any, batch_stats: Any, batch: dict[str, jax.Array],
+           train: bool) -> LossOutput:
+    """Loss of the GLOBAL batch (sums/means span every device under jit).
+
+    Returns ``(loss, (metrics, new_batch_stats))``; ``metrics`` holds scalar
+    arrays, ``loss`` among them.
+    """
+
+  def make_tile_fn(self, variables: dict, score_thresh: float) -> TileFn:
+    """The jitted whole-image tile detector (normalisation and decoding inside).
+
+    ``score_thresh`` is the lowest score worth returning; suppression of
+    duplicates across tiles is ``infer``'s merge, within a tile the
+    detector's own decoding.
+    """
+
+  def make_patch_score_fn(self, variables: dict, patch_size: int) -> PatchScoreFn:
+    """The jitted patch scorer hard-negative mining ranks negatives with."""

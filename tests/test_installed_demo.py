@@ -1,0 +1,57 @@
+"""The demo runs from a non-editable install of the package, outside the checkout.
+
+A wheel of the checkout goes into a fresh virtual environment (its
+dependencies come from the project's environment through a ``.pth`` file, so
+nothing is downloaded); ``python -m midog_jax.demo`` then runs from a folder
+outside the repository, where only the installed package can be imported. An
+installed package that needed the repository (the old repo-root ``configs``
+import) fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from support import REPO, cpu_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("installed_demo")]
+
+
+def _run(cmd, cwd, env=None, timeout=900):
+  r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+  assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+  return r
+
+
+def test_demo_from_an_installed_wheel(tmp_path):
+  wheels = tmp_path / "wheels"
+  _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+        "-w", str(wheels), str(REPO)], cwd=tmp_path)
+  venv = tmp_path / "venv"
+  _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+  py = venv / "bin" / "python"
+  site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   cwd=tmp_path).stdout.strip())
+  # Dependencies from the project's environment; a path added by a .pth line
+  # does not run the .pth files in it, so the checkout's editable hook stays off.
+  (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+  wheel = next(wheels.glob("midog_jax-*.whl"))
+  _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+       cwd=tmp_path)
+
+  outside = tmp_path / "elsewhere"
+  outside.mkdir()
+  where = _run([str(py), "-c", "import midog_jax; print(midog_jax.__file__)"],
+               cwd=outside).stdout.strip()
+  assert Path(where).is_relative_to(venv), where  # the wheel, not the checkout
+  _run([str(py), "-m", "midog_jax.demo", "--out", "demo", "--preset", "tiny",
+        "--steps", "2"], cwd=outside, env=cpu_env())
+  result = json.loads((outside / "demo" / "demo_result.json").read_text())
+  assert set(result["f1"]) == {"val", "heldout_domain"}
+  assert (outside / "demo" / "run" / "eval" / "heldout_domain" / "metrics.json").exists()

@@ -36,7 +36,9 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+        # setuptools: the installed-package test builds a wheel without build
+        # isolation (70.1+ builds wheels without the separate "wheel" package).
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "setuptools==84.2.1"],
         "cuda": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
         "tf": ["tensorflow"],

@@ -64,9 +64,10 @@ class Checkpoints:
 
   def save_best(self, step: int, state: Any, meta: dict) -> None:
     """Replaces the best checkpoint."""
+    # Every earlier best goes, the same step included: a run resumed from an
+    # older "latest" validates step S again and must be able to replace it.
     for s in self.best.all_steps():
-      if s != step:
-        self.best.delete(s)
+      self.best.delete(s)
     self.best.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave(_jsonable(meta))), force=True)

@@ -31,7 +31,7 @@ from midog_jax import metrics
 from midog_jax.data import midog
 from midog_jax.detections import CHALLENGE_NAMES, CLASS_OF_NAME, MITOSIS, Detections
 from midog_jax.errors import DataError
-from midog_jax.fileio import write_json_atomic
+from midog_jax.fileio import read_json, write_json_atomic
 
 MAX_SWEEP_THRESHOLDS = 512
 SPLITS = ("all", "train", "val", "test", "heldout")
@@ -274,13 +274,7 @@ def from_challenge_json(path: str | os.PathLike
     a ``type`` other than "Multiple points".
   """
   path = Path(path)
-  try:
-    with open(path, "rb") as f:
-      data = json.load(f)
-  except FileNotFoundError:
-    raise DataError(path, "prediction file not found") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(path, f"malformed JSON ({e})") from None
+  data = read_json(path, "prediction file")
   if not isinstance(data, dict):
     raise DataError(path, "expected a JSON object with a 'points' list")
   if "type" in data and data["type"] != "Multiple points":

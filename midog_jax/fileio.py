@@ -1,4 +1,4 @@
-"""Atomic file writing: the one implementation every writer of the package uses.
+"""Atomic file writing (the one implementation every writer uses) and JSON reading.
 
 A file is written to a temporary name in its target's folder, flushed and
 fsynced, then renamed over the target (``os.replace`` is atomic on one
@@ -14,7 +14,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+from midog_jax.errors import DataError
 
 # The process's umask, read once at import (reading it means setting it, which
 # is not thread-safe to do per write).
@@ -76,3 +78,20 @@ def write_with(writer: Callable[[Path], None], path: str | os.PathLike) -> Path:
   with atomic_path(path) as tmp:
     writer(tmp)
   return Path(path)
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+  """The parsed JSON of ``path``; a missing or malformed file is a ``DataError``.
+
+  ``what`` names the file's role in the "not found" message (e.g.
+  "annotation file"), so the one-line error says what the user pointed at.
+  """
+  try:
+    with open(path, "rb") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise DataError(path, f"{what} not found") from None
+  except IsADirectoryError:
+    raise DataError(path, f"expected a {what}, got a folder") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(path, f"malformed JSON ({e})") from None

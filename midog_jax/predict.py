@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -51,7 +50,7 @@ from midog_jax import ensemble, export
 from midog_jax.data import slides as slides_lib
 from midog_jax.detections import Detections
 from midog_jax.errors import DataError
-from midog_jax.fileio import write_json_atomic
+from midog_jax.fileio import read_json, write_json_atomic
 
 FORMATS = ("json", "geojson", "csv")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -94,11 +93,10 @@ def load_config(workdir: str | os.PathLike, meta: dict | None = None):
   import ml_collections  # pylint: disable=g-import-not-at-top
   path = Path(workdir) / "config.json"
   if path.exists():
-    try:
-      with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise DataError(path, f"malformed config JSON ({e})") from None
+    data = read_json(path, "config file")
+    if not isinstance(data, dict):
+      raise DataError(path, "expected a JSON object (the training config)")
+    return ml_collections.ConfigDict(data)
   if meta and isinstance(meta.get("config"), dict):
     return ml_collections.ConfigDict(meta["config"])
   raise DataError(path, "no config.json in the workdir (train first with "

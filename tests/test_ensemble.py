@@ -91,9 +91,9 @@ def test_single_member_and_bad_calls():
 # End to end.
 
 
-
-
-@pytest.fixture(scope="module")
+# Session scope: trained once per worker even when other modules' tests run
+# in between (a module fixture is torn down and rebuilt then).
+@pytest.fixture(scope="session")
 def workdirs(tiny_dataset, tmp_path_factory) -> list[Path]:
   """Two tiny RetinaNets trained for 3 steps with different seeds (in parallel)."""
   root = tmp_path_factory.mktemp("ensemble")
@@ -155,7 +155,6 @@ def test_cli_ensemble_agrees_with_each_member(workdirs, tiny_dataset, tmp_path):
   want = ensemble.combine(singles, radius_px=radius)
   np.testing.assert_allclose(ens.xy, want.xy, atol=1e-3)
   np.testing.assert_allclose(ens.scores, want.scores, atol=1e-6)
-
 
 
 def test_workdir_lists_and_comma_separated_values():

@@ -319,7 +319,6 @@ def test_cli_spacing_from_tiff_tags_and_extra_truth(tmp_path, capsys):
   assert _counts(r["per_domain"]["Hamamatsu XR"]) == (0, 1, 1)
 
 
-
 def _write_midogpp(root: Path, image_ids, annotations, name) -> Path:
   """A MIDOG++-style file (tumour types, no metadata CSV: a case without
   annotations counts as unlabeled)."""

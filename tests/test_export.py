@@ -12,7 +12,7 @@ from PIL import Image
 from midog_jax import evaluate, export
 from midog_jax.detections import Detections
 from midog_jax.errors import DataError
-from midog_jax.fileio import atomic_output, write_json_atomic
+from midog_jax.fileio import write_json_atomic
 
 
 def _dets():
@@ -130,19 +130,3 @@ def test_overlay_png_size_and_colours(tmp_path):
   assert scale == pytest.approx(0.5)
   with Image.open(small) as im:
     assert im.size == (150, 100)
-
-
-def test_atomic_write_leaves_no_temp_files(tmp_path):
-  target = tmp_path / "m.json"
-  write_json_atomic({"a": 1}, target)
-  assert json.loads(target.read_text()) == {"a": 1}
-  # A failing write (NaN is not JSON) leaves the old file and no debris.
-  with pytest.raises(ValueError):
-    write_json_atomic({"a": float("nan")}, target)
-  # A failure half-way through writing leaves the old file and no debris.
-  with pytest.raises(RuntimeError):
-    with atomic_output(target) as f:
-      f.write('{"half": ')
-      raise RuntimeError("disk full")
-  assert json.loads(target.read_text()) == {"a": 1}
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]

@@ -20,7 +20,7 @@ import pytest
 
 from support import REPO, cpu_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("installed_demo")]
+pytestmark = pytest.mark.e2e
 
 
 def _run(cmd, cwd, env=None, timeout=900):
@@ -53,5 +53,7 @@ def test_demo_from_an_installed_wheel(tmp_path):
   _run([str(py), "-m", "midog_jax.demo", "--out", "demo", "--preset", "tiny",
         "--steps", "2"], cwd=outside, env=cpu_env())
   result = json.loads((outside / "demo" / "demo_result.json").read_text())
-  assert set(result["f1"]) == {"val", "heldout_domain"}
+  # The tiny set is too small for a validation split: the held-out scanner only.
+  assert set(result["f1"]) == {"heldout_domain"}
+  assert 0.0 <= result["f1"]["heldout_domain"] <= 1.0
   assert (outside / "demo" / "run" / "eval" / "heldout_domain" / "metrics.json").exists()

@@ -24,13 +24,12 @@ from midog_jax import predict
 from midog_jax.data import slides as slides_lib
 
 # One worker runs the whole module, so the workdir is trained once.
-# One worker for the module: its tests share a trained workdir fixture.
 pytestmark = pytest.mark.xdist_group("predict")
 
 
-
-
-@pytest.fixture(scope="module")
+# Session scope: trained once per worker even when other modules' tests run
+# in between (a module fixture is torn down and rebuilt then).
+@pytest.fixture(scope="session")
 def workdir(tiny_dataset, tmp_path_factory) -> Path:
   return train_workdir("configs/retina.py:tiny", tiny_dataset,
                        tmp_path_factory.mktemp("predict") / "work",
@@ -38,7 +37,7 @@ def workdir(tiny_dataset, tmp_path_factory) -> Path:
                        "--config.eval_every=1000")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def images(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
   """Two good tiled JPEG TIFFs in a folder, and the first one again without tags."""
   d = tmp_path_factory.mktemp("images")

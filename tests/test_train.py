@@ -33,8 +33,6 @@ def _cmd(data, workdir, *overrides):
           "--config.optimizer.schedule=constant", *overrides]
 
 
-
-
 def _run(data, workdir, *overrides, devices=1, check=True):
   r = subprocess.run(_cmd(data, workdir, *overrides), cwd=REPO, env=cpu_env(devices),
                      capture_output=True, text=True, timeout=600)

@@ -11,24 +11,36 @@ from __future__ import annotations
 import ml_collections
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses ``"quick,aug=od"`` into a ConfigDict over ``defaults``.
 
-  Bare words set booleans to True; values are cast to the default's type.
-  Unknown keys are an error, so a typo cannot silently do nothing.
+  Bare words set booleans to True; values are cast to the default's type
+  (booleans take 1/true/yes/on and 0/false/no/off). Unknown keys, bare words
+  for non-boolean keys and unreadable booleans are errors, so a typo cannot
+  silently do nothing.
   """
   out = dict(defaults)
-  for item in filter(None, (arg or "").split(",")):
+  for item in (i for i in (arg or "").split(",") if i.strip()):
     key, sep, value = item.partition("=")
     key = key.strip()
     if key not in out:
       raise ValueError(f"unknown config argument {key!r}; known: {sorted(out)}")
+    kind = type(out[key])
     if not sep:
+      if kind is not bool:
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
       out[key] = True
       continue
-    kind = type(out[key])
     if kind is bool:
-      out[key] = value.lower() in ("1", "true", "yes", "on")
+      word = value.strip().lower()
+      if word not in _TRUE + _FALSE:
+        raise ValueError(f"config argument {key}={value!r}: expected one of "
+                         f"{', '.join(_TRUE + _FALSE)}")
+      out[key] = word in _TRUE
     else:
       out[key] = kind(value) if out[key] is not None else value
   return ml_collections.ConfigDict(out)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 
 from midog_jax.detections import IMPOSTER, MITOSIS
 from midog_jax.errors import DataError
+from midog_jax.fileio import read_json
 
 CATEGORY_NAMES = {MITOSIS: "mitotic figure", IMPOSTER: "not mitotic figure"}
 
@@ -147,13 +147,7 @@ def midog21_scanner(image_id: int) -> tuple[str, float]:
 
 
 def _read_json(path: Path) -> dict:
-  try:
-    with open(path, "rb") as f:
-      data = json.load(f)
-  except FileNotFoundError:
-    raise DataError(path, "annotation file not found") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(path, f"malformed JSON ({e})") from None
+  data = read_json(path, "annotation file")
   if not isinstance(data, dict):
     raise DataError(path, "expected a JSON object at the top level")
   for key in ("images", "annotations", "categories"):

@@ -48,8 +48,6 @@ pytestmark = pytest.mark.xdist_group("p4_method")
 SPACING_UM = 0.25
 
 
-
-
 def _tiny_method(**eval_overrides):
   config = p4_resnet.get_config("tiny")
   config.model.topk = 4096  # more than any tile here has maxima
@@ -260,7 +258,9 @@ def test_odd_tiles_are_refused():
 # ------------------------------------------------------------------ CLI
 
 
-@pytest.fixture(scope="module")
+# Session scope: trained once per worker even when other modules' tests run
+# in between (a module fixture is torn down and rebuilt then).
+@pytest.fixture(scope="session")
 def workdir(tiny_dataset, tmp_path_factory) -> Path:
   """A tiny P4 workdir trained 3 steps, validated after each (lowest val loss kept)."""
   return train_workdir("configs/p4_resnet.py:tiny", tiny_dataset,

@@ -16,8 +16,8 @@ import tensorflow_datasets as tfds
 
 from midog_jax.data import slides, tfds_midog
 from midog_jax.errors import DataError
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PATCH = 128
 CONFIG = tfds_midog.patch_config("midog21", patch_size=PATCH, stride=PATCH)
 NAME = f"midog_patches/{CONFIG.name}"

@@ -36,6 +36,7 @@ low because other processes had the CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from midog_jax import detectors, infer, parallel  # noqa: E402
+from midog_jax.detectors import interface  # noqa: E402
 from midog_jax.configs import retina as retina_config  # noqa: E402
 from midog_jax.data import slides, synthetic  # noqa: E402
 
@@ -118,14 +120,14 @@ def measure(path: Path, method, variables, cfg, tile_size: int,
   tcfg = infer.TileConfig(tile_size=tile_size, overlap=cfg.eval.tile_overlap,
                           tile_batch=tile_batch, merge_radius=cfg.eval.merge_radius_px,
                           score_thresh=cfg.eval.score_thresh)
-  tile_fn = method.make_tile_fn(variables, tcfg.score_thresh)
+  tile_fn = method.make_tile_fn(tcfg.score_thresh)
   run = infer.for_platform(tile_fn)  # what detect() compiles and calls
   sharding = parallel.data_sharding(mesh)
   batch = jax.device_put(np.full((tile_batch, tile_size, tile_size, 3), 200, np.uint8),
                          sharding)
   t0 = time.perf_counter()
-  flops_per_tile = _flops(run.lower(batch).compile()) / tile_batch
-  jax.block_until_ready(run(batch))  # compiles the program detect() runs
+  flops_per_tile = _flops(run.lower(variables, batch).compile()) / tile_batch
+  jax.block_until_ready(run(variables, batch))  # compiles the program detect() runs
   compile_s = time.perf_counter() - t0
 
   with slides.Slide(path) as s:
@@ -137,7 +139,7 @@ def measure(path: Path, method, variables, cfg, tile_size: int,
   cpu_s = []
   for _ in range(repeats):
     t0, c0 = time.perf_counter(), time.process_time()
-    det = infer.detect(path, tile_fn, tcfg, mesh)
+    det = infer.detect(path, tile_fn, variables, tcfg, mesh)
     times.append(time.perf_counter() - t0)
     cpu_s.append(time.process_time() - c0)
     n_det = len(det)
@@ -173,9 +175,10 @@ def measure(path: Path, method, variables, cfg, tile_size: int,
       matmul_gflops_per_cpu_s=round(matmul_cpu, 2),
       fraction_of_matmul_per_cpu_s=round(per_cpu / matmul_cpu, 4))
   if breakdown:
-    compute = _time_calls(run, batch, 2) / tile_batch
+    compute = _time_calls(functools.partial(run, variables), batch, 2) / tile_batch
     model_only = infer.for_platform(
-        jax.jit(lambda t: method.model.apply(variables, t, train=False)))
+        jax.jit(lambda t: method.model.apply(variables, interface.normalize(
+            t, method.input_mean, method.input_std), train=False)))
     model = _time_calls(model_only, batch, 2) / tile_batch
     read = _read_seconds_per_tile(path, tcfg, 2 * tile_batch)
     out.update(

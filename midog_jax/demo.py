@@ -25,7 +25,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="demo")
   p.add_argument("--steps", type=int, default=0, help="override total_steps")
   p.add_argument("--preset", default="small", choices=("tiny", "small"),
-                 help="synthetic set (tiny: 8 images of ~512 px, for smoke runs)")
+                 help="synthetic set (tiny: 8 images of ~512 px and the test-sized "
+                 "RetinaNet, a smoke run)")
   args = p.parse_args(argv)
   out = Path(args.out)
   t0 = time.perf_counter()
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
 
   from midog_jax import train
   from midog_jax.configs import retina
-  config = retina.get_config("quick")
+  # The tiny preset is a smoke run: test-sized data and the test-sized model.
+  config = retina.get_config("quick,tiny" if args.preset == "tiny" else "quick")
   config.data.root = str(data_dir)
   if args.steps:
     config.total_steps = args.steps

@@ -39,11 +39,12 @@ class Tiler:
 
   tile_cfg: infer.TileConfig
   tile_fn: Any
+  variables: Any
   mesh: Any
 
   def detect(self, source) -> Detections:
     """Candidates of one whole image (``source``: a slide, path or array)."""
-    return infer.detect(source, self.tile_fn, self.tile_cfg, self.mesh)
+    return infer.detect(source, self.tile_fn, self.variables, self.tile_cfg, self.mesh)
 
 
 def make_tiler(detector, variables: dict, config, *, score_thresh: float | None = None,
@@ -65,7 +66,7 @@ def make_tiler(detector, variables: dict, config, *, score_thresh: float | None 
   cfg = dataclasses.replace(cfg, score_thresh=thresh,
                             tile_batch=-(-cfg.tile_batch // n_dev) * n_dev)
   variables = jax.device_put(parallel.to_host(variables), parallel.replicated(mesh))
-  return Tiler(cfg, detector.make_tile_fn(variables, thresh), mesh)
+  return Tiler(cfg, detector.make_tile_fn(thresh), variables, mesh)
 
 
 def detect_cases(detector, variables: dict, cases, config) -> dict[int, Detections]:

@@ -143,13 +143,15 @@ class _Tiles:
         yield pending[0], pending[1].result()
 
 
-def detect(source, tile_fn: TileFn, cfg: TileConfig, mesh=None) -> Detections:
+def detect(source, tile_fn: TileFn, variables, cfg: TileConfig, mesh=None) -> Detections:
   """Detections on one whole image.
 
   Args:
     source: a ``slides.Slide``, a path, or an (H, W, 3) uint8 array.
-    tile_fn: jitted per-tile detector (see ``TileFn``); it receives uint8
-      tiles and does its own normalisation.
+    tile_fn: jitted per-tile detector (see ``TileFn``); it receives the
+      variables and uint8 tiles and does its own normalisation.
+    variables: the model's weights, passed to every ``tile_fn`` call
+      (replicated on ``mesh``; see ``evaluation.make_tiler``).
     cfg: tiling settings.
     mesh: device mesh (default: this process's devices, ``local_mesh``).
   """
@@ -196,7 +198,7 @@ def detect(source, tile_fn: TileFn, cfg: TileConfig, mesh=None) -> Detections:
   # meanwhile decodes batch k+2.
   pending = None
   for start, batch in tiles.batches():
-    out = run(jax.device_put(batch, sharding))
+    out = run(variables, jax.device_put(batch, sharding))
     if pending is not None:
       merge(*pending)
     pending = (start, out)

@@ -17,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 # every process. Set before anything imports jax.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# One XLA thread per test process (support.ONE_THREAD): two pytest workers
+# share two cores.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                      "intra_op_parallelism_threads=1")
 
 
 def shared_midog_dir() -> Path:
@@ -40,3 +44,14 @@ def tiny_dataset(tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("tiny")
   synthetic.generate(out, preset="tiny", seed=0, workers=1)
   return out
+
+
+def pytest_collection_modifyitems(config, items):
+  """End-to-end runs first (a stable sort: files and groups stay together).
+
+  With two xdist workers the long runs then start at once and the many short
+  tests fill in around them, instead of one long run starting last while the
+  other worker idles.
+  """
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("e2e") is None)

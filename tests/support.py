@@ -7,6 +7,7 @@ imports ``conftest`` as a module.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,10 +16,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Tests run on two pytest workers, each starting programs of its own: one
+# XLA thread per program keeps them from fighting over the two cores.
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
 def cpu_env(devices: int = 1, **extra: str) -> dict:
   """Environment for a CPU subprocess with ``devices`` emulated devices."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {ONE_THREAD}"
   env["JAX_PLATFORMS"] = "cpu"
   env.update(extra)
   return env
@@ -42,3 +48,30 @@ def train_workdir(config_arg: str, data: Path, workdir: Path, *overrides: str) -
   run_module("midog_jax.main", f"--config={config_arg}", f"--workdir={workdir}",
              f"--config.data.root={data}", *overrides)
   return workdir
+
+
+def train_cmd(data, workdir, *overrides):
+  """``python -m midog_jax.main`` on the tiny RetinaNet, logging every step."""
+  return [sys.executable, "-m", "midog_jax.main", "--config=configs/retina.py:tiny",
+          f"--workdir={workdir}", f"--config.data.root={data}",
+          "--config.log_every=1", "--config.eval_every=1000",
+          "--config.optimizer.schedule=constant", *overrides]
+
+
+def run_training(data, workdir, *overrides, devices=1, check=True):
+  """Runs :func:`train_cmd` on ``devices`` emulated CPU devices."""
+  r = subprocess.run(train_cmd(data, workdir, *overrides), cwd=REPO, env=cpu_env(devices),
+                     capture_output=True, text=True, timeout=600)
+  if check and r.returncode != 0:
+    raise AssertionError(f"training failed ({r.returncode}):\n{r.stderr[-4000:]}")
+  return r
+
+
+def logged_losses(workdir) -> dict[int, float]:
+  """Last logged loss per step (a resumed run re-logs the steps it redoes)."""
+  out = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    m = json.loads(line)
+    if "loss" in m:
+      out[m["step"]] = m["loss"]
+  return out

@@ -1,28 +1,16 @@
-"""Ensemble by agreement (Lafarge & Koelzer, MIDOG 2022): ``ensemble.combine`` and the multi-workdir CLI.
+"""Ensemble by agreement (Lafarge & Koelzer, MIDOG 2022): ``ensemble.combine``.
 
-The end-to-end case trains two tiny RetinaNet workdirs (3 steps, different
-seeds) through ``python -m midog_jax.main`` and runs ``python -m
-midog_jax.predict`` with both.
+The end-to-end case (``predict --workdir A --workdir B``) is in
+``test_predict.py``, beside the workdir it shares.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from midog_jax import ensemble, export, predict
-from support import REPO, cpu_env
-from midog_jax.detections import CHALLENGE_NAMES, Detections
-from midog_jax.data import slides as slides_lib
-
-# One worker for the module: its tests share a trained workdir fixture.
-pytestmark = pytest.mark.xdist_group("ensemble")
+from midog_jax import ensemble
+from midog_jax.detections import Detections
 
 
 def _dets(xy, p, classes=None):
@@ -85,83 +73,3 @@ def test_single_member_and_bad_calls():
     ensemble.combine([a, a])
   with pytest.raises(ValueError, match="at least one"):
     ensemble.combine([])
-
-
-# ----------------------------------------------------------------------------
-# End to end.
-
-
-# Session scope: trained once per worker even when other modules' tests run
-# in between (a module fixture is torn down and rebuilt then).
-@pytest.fixture(scope="session")
-def workdirs(tiny_dataset, tmp_path_factory) -> list[Path]:
-  """Two tiny RetinaNets trained for 3 steps with different seeds (in parallel)."""
-  root = tmp_path_factory.mktemp("ensemble")
-  runs = []
-  for seed in (0, 1):
-    w = root / f"seed{seed}"
-    cmd = [sys.executable, "-m", "midog_jax.main", "--config=configs/retina.py:tiny",
-           f"--workdir={w}", f"--config.data.root={tiny_dataset}", f"--config.seed={seed}",
-           "--config.total_steps=3", "--config.checkpoint_every=3",
-           "--config.eval_every=1000"]
-    runs.append((w, subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)))
-  for w, proc in runs:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, f"training failed:\n{err[-4000:]}"
-  return [w for w, _ in runs]
-
-
-def _read_csv(path: Path) -> Detections:
-  with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
-  names = {v: k for k, v in CHALLENGE_NAMES.items()}
-  return Detections([[float(r["x_px"]), float(r["y_px"])] for r in rows],
-                           [float(r["probability"]) for r in rows],
-                           [names[r["name"]] for r in rows])
-
-
-@pytest.mark.e2e
-def test_cli_ensemble_agrees_with_each_member(workdirs, tiny_dataset, tmp_path):
-  image = tiny_dataset / "001.tiff"
-  spacing = slides_lib.Slide(image).spacing_um
-  radius = 7.5 / spacing
-  # The members on their own, threshold 0 (every candidate, so they have
-  # plenty to agree and disagree on).
-  with slides_lib.Slide(image) as slide:
-    singles = predict.detect_image([predict.load_predictor(w, 0.0) for w in workdirs],
-                                   slide)
-  assert all(len(s) > 0 for s in singles)
-  out = tmp_path / "ensemble"
-  cmd = [sys.executable, "-m", "midog_jax.predict", "--workdir", str(workdirs[0]),
-         "--workdir", str(workdirs[1]), "--images", str(image), "--out", str(out),
-         "--threshold", "0", "--formats", "json,csv"]
-  r = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True,
-                     timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert r.stdout.strip().splitlines()[-1].startswith("done: 1 of 1 images written")
-  obj = json.loads((out / "001.json").read_text())
-  assert obj["type"] == "Multiple points" and obj["version"] == {"major": 1, "minor": 0}
-  ens = _read_csv(out / "001.csv")
-  mm = np.asarray([p["point"] for p in obj["points"]], np.float64).reshape(-1, 3)
-  np.testing.assert_allclose(mm[:, :2], ens.xy * spacing / 1000.0, rtol=1e-6)
-  assert all(p["point"][2] == 0 and 0 <= p["probability"] <= 1 for p in obj["points"])
-
-  assert 0 < len(ens) <= min(len(s) for s in singles)
-  for s in singles:
-    d = np.sqrt(((ens.xy[:, None] - s.xy[None]) ** 2).sum(-1))
-    assert np.all(d.min(1) <= radius + 1e-3)
-  # Exactly the agreement of the members' own outputs.
-  want = ensemble.combine(singles, radius_px=radius)
-  np.testing.assert_allclose(ens.xy, want.xy, atol=1e-3)
-  np.testing.assert_allclose(ens.scores, want.scores, atol=1e-6)
-
-
-def test_workdir_lists_and_comma_separated_values():
-  assert predict._workdirs("a") == ["a"]
-  assert predict._workdirs(Path("a")) == ["a"]
-  assert predict._workdirs(["a,b", "c"]) == ["a", "b", "c"]
-  assert predict._workdirs("a, b") == ["a", "b"]
-  args = predict._parser().parse_args(["--workdir", "a", "--workdir", "b,c", "--images",
-                                       "x.tif", "--out", "o"])
-  assert predict._workdirs(args.workdir) == ["a", "b", "c"]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from midog_jax import detectors, infer, parallel
+from midog_jax import detectors, infer
 from midog_jax.configs import retina as retina_config
 from midog_jax.data import slides, synthetic
 from support import REPO, cpu_env
@@ -115,7 +115,8 @@ def _darkest_pixel_fn(nudge: float):
   """
 
   @jax.jit
-  def fn(tiles):
+  def fn(variables, tiles):
+    del variables  # a fixed rule, no weights
     g = tiles.astype(jnp.float32).sum(-1)
     b, t = g.shape[0], g.shape[1]
     flat = jnp.argmin(g.reshape(b, -1), axis=1)
@@ -148,7 +149,7 @@ def test_figure_in_the_overlap_is_kept_once_by_its_owner(dot_x, owner_score):
   # (radius 0), so only ownership can remove the duplicate. The owner is the
   # tile where the dot lies 13.5 px from the border, not the one at 2.5 px.
   assert infer.tile_origins(112, T, OVERLAP).tolist() == [0, 48]
-  det = infer.detect(_image_with_dot(dot_x, 20), _darkest_pixel_fn(0.0), _cfg(0.0))
+  det = infer.detect(_image_with_dot(dot_x, 20), _darkest_pixel_fn(0.0), {}, _cfg(0.0))
   np.testing.assert_allclose(det.xy, [[dot_x + 0.5, 20.5]])
   np.testing.assert_allclose(det.scores, [owner_score], rtol=1e-6)
 
@@ -157,9 +158,9 @@ def test_figure_straddling_the_ownership_line_is_merged_by_distance():
   # Dot 2.5 px left of the midline (56): the left tile reports it at 49.5
   # (its side), the right tile at 57.5 (its side), so ownership keeps both.
   img = _image_with_dot(53, 30)
-  both = infer.detect(img, _darkest_pixel_fn(4.0), _cfg(0.0))
+  both = infer.detect(img, _darkest_pixel_fn(4.0), {}, _cfg(0.0))
   np.testing.assert_allclose(np.sort(both.xy[:, 0]), [49.5, 57.5])
-  one = infer.detect(img, _darkest_pixel_fn(4.0), _cfg(25.0))
+  one = infer.detect(img, _darkest_pixel_fn(4.0), {}, _cfg(25.0))
   # Distance suppression keeps one: the better view (left tile, 10.5 px in).
   np.testing.assert_allclose(one.xy, [[49.5, 30.5]])
   np.testing.assert_allclose(one.scores, [10.5 / T], rtol=1e-6)
@@ -171,12 +172,13 @@ def test_points_outside_the_image_are_dropped():
   local = jnp.asarray([[10.0, 10.0], [45.0, 10.0], [10.0, 55.0]])
 
   @jax.jit
-  def fixed(tiles):
+  def fixed(variables, tiles):
+    del variables
     b = tiles.shape[0]
     return (jnp.broadcast_to(local, (b, 3, 2)), jnp.full((b, 3), 0.9),
             jnp.ones((b, 3), jnp.int32), jnp.ones((b, 3), bool))
 
-  det = infer.detect(np.zeros((50, 40, 3), np.uint8), fixed, _cfg(25.0))
+  det = infer.detect(np.zeros((50, 40, 3), np.uint8), fixed, {}, _cfg(25.0))
   np.testing.assert_allclose(det.xy, [[10.0, 10.0]])
 
 
@@ -206,8 +208,8 @@ def tiny_model():
   variables = detector.init_variables(jax.random.key(0, impl="rbg"))
   # Score threshold 0: random-init scores are near the 0.01 focal prior, and
   # the test must see many detections to prove anything.
-  tile_fn = detector.make_tile_fn(variables, 0.0)
-  return cfg, tile_fn
+  tile_fn = detector.make_tile_fn(0.0)
+  return cfg, tile_fn, variables
 
 
 def _tcfg(cfg, tile_batch: int) -> infer.TileConfig:
@@ -223,10 +225,10 @@ def _assert_same(a, b):
 
 
 def test_detections_do_not_depend_on_the_tile_batch(crops, tiny_model):
-  cfg, tile_fn = tiny_model
+  cfg, tile_fn, variables = tiny_model
   path = crops["300x260"]
   # 3x3 tiles: batches of 1, 3 (exact) and 4 (last batch padded).
-  dets = {b: infer.detect(path, tile_fn, _tcfg(cfg, b)) for b in (1, 3, 4)}
+  dets = {b: infer.detect(path, tile_fn, variables, _tcfg(cfg, b)) for b in (1, 3, 4)}
   assert len(dets[1]) > 10
   assert len(np.unique(dets[1].scores)) > 10  # not one constant output
   for b in (3, 4):
@@ -236,20 +238,20 @@ def test_detections_do_not_depend_on_the_tile_batch(crops, tiny_model):
 def test_cpu_compiler_options_do_not_change_detections(crops, tiny_model, monkeypatch):
   # detect() compiles the detector with infer.CPU_COMPILER_OPTIONS on CPU
   # (XLA's own convolutions, for speed); XLA's defaults must agree.
-  cfg, tile_fn = tiny_model
-  tuned = infer.detect(crops["300x260"], tile_fn, _tcfg(cfg, 4))
+  cfg, tile_fn, variables = tiny_model
+  tuned = infer.detect(crops["300x260"], tile_fn, variables, _tcfg(cfg, 4))
   monkeypatch.setattr(infer, "CPU_COMPILER_OPTIONS", {})
   assert infer.for_platform(tile_fn) is tile_fn
-  default = infer.detect(crops["300x260"], tile_fn, _tcfg(cfg, 4))
+  default = infer.detect(crops["300x260"], tile_fn, variables, _tcfg(cfg, 4))
   assert len(default) > 10
   _assert_same(tuned, default)
 
 
 @pytest.mark.parametrize("name", ["301x257", "100x90"])
 def test_odd_and_smaller_than_tile_images(crops, tiny_model, name):
-  cfg, tile_fn = tiny_model
+  cfg, tile_fn, variables = tiny_model
   w, h = map(int, name.split("x"))
-  det = infer.detect(crops[name], tile_fn, _tcfg(cfg, 4))
+  det = infer.detect(crops[name], tile_fn, variables, _tcfg(cfg, 4))
   assert len(det) > (10 if w > 200 else 0)
   assert np.all((det.xy >= 0) & (det.xy < [w, h]))
   # Merged detections keep their mutual distance (no duplicates survive).
@@ -257,7 +259,7 @@ def test_odd_and_smaller_than_tile_images(crops, tiny_model, name):
   assert d[np.triu_indices(len(det), 1)].min() > 25.0
   # Same answer from the array path as from the file path.
   with slides.Slide(crops[name]) as s:
-    _assert_same(infer.detect(s.read_all(), tile_fn, _tcfg(cfg, 4)), det)
+    _assert_same(infer.detect(s.read_all(), tile_fn, variables, _tcfg(cfg, 4)), det)
 
 
 _DEVICE_SCRIPT = """
@@ -273,13 +275,13 @@ detector = detectors.build(cfg)
 mesh = parallel.local_mesh()
 variables = detector.init_variables(jax.random.key(0, impl="rbg"))
 variables = parallel.replicate(variables, mesh)
-tile_fn = detector.make_tile_fn(variables, 0.0)
+tile_fn = detector.make_tile_fn(0.0)
 tcfg = infer.TileConfig(cfg.eval.tile_size, cfg.eval.tile_overlap, 4, 25.0, 0.0)
-det = infer.detect(image, tile_fn, tcfg, mesh)
+det = infer.detect(image, tile_fn, variables, tcfg, mesh)
 np.savez(out, xy=det.xy, scores=det.scores, classes=det.classes)
 if n > 1:  # a batch that cannot be split evenly over the devices is refused
   try:
-    infer.detect(image, tile_fn, infer.TileConfig(128, 32, n + 1, 25.0, 0.0), mesh)
+    infer.detect(image, tile_fn, variables, infer.TileConfig(128, 32, n + 1, 25.0, 0.0), mesh)
   except ValueError as e:
     print("refused:", e)
 """.format(topk=TOPK)

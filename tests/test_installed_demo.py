@@ -1,6 +1,6 @@
 """The demo runs from a non-editable install of the package, outside the checkout.
 
-A wheel of the checkout goes into a fresh virtual environment (its
+The package is installed (pip, not editable) into a fresh virtual environment (its
 dependencies come from the project's environment through a ``.pth`` file, so
 nothing is downloaded); ``python -m midog_jax.demo`` then runs from a folder
 outside the repository, where only the installed package can be imported. An
@@ -11,6 +11,7 @@ import) fails here.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -29,27 +30,29 @@ def _run(cmd, cwd, env=None, timeout=900):
   return r
 
 
-def test_demo_from_an_installed_wheel(tmp_path):
-  wheels = tmp_path / "wheels"
-  _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-        "-w", str(wheels), str(REPO)], cwd=tmp_path)
+def test_demo_from_an_installed_package(tmp_path):
+  # Built from a copy, so the build leaves nothing in the checkout.
+  src = tmp_path / "src"
+  shutil.copytree(REPO / "midog_jax", src / "midog_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  shutil.copy(REPO / "setup.py", src / "setup.py")
   venv = tmp_path / "venv"
-  _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
+  _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
   py = venv / "bin" / "python"
   site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                    cwd=tmp_path).stdout.strip())
+  # A regular (not editable) install into the new environment's site-packages.
+  _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+        "--no-build-isolation", "--target", str(site), str(src)], cwd=tmp_path)
   # Dependencies from the project's environment; a path added by a .pth line
   # does not run the .pth files in it, so the checkout's editable hook stays off.
   (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-  wheel = next(wheels.glob("midog_jax-*.whl"))
-  _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-       cwd=tmp_path)
 
   outside = tmp_path / "elsewhere"
   outside.mkdir()
   where = _run([str(py), "-c", "import midog_jax; print(midog_jax.__file__)"],
                cwd=outside).stdout.strip()
-  assert Path(where).is_relative_to(venv), where  # the wheel, not the checkout
+  assert Path(where).is_relative_to(site), where  # the installed copy, not the checkout
   _run([str(py), "-m", "midog_jax.demo", "--out", "demo", "--preset", "tiny",
         "--steps", "2"], cwd=outside, env=cpu_env())
   result = json.loads((outside / "demo" / "demo_result.json").read_text())

@@ -1,8 +1,9 @@
 """The predict CLI on a really trained (3-step) tiny workdir and real TIFF files.
 
-One workdir is trained per module through ``python -m midog_jax.main``; the
-end-to-end cases run ``python -m midog_jax.predict`` as a subprocess, the rest
-call ``predict_images`` / ``main`` in-process.
+One workdir (and a second seed for the ensemble case) is trained through
+``python -m midog_jax.main``; the end-to-end cases run ``python -m
+midog_jax.predict`` as a subprocess, the rest call ``predict_images`` /
+``main`` in-process.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from support import REPO, cpu_env, train_workdir
 from midog_jax import checkpoint as ckpt_lib
-from midog_jax import predict
+from midog_jax import ensemble, predict
 from midog_jax.data import slides as slides_lib
+from midog_jax.detections import CHALLENGE_NAMES, Detections
+from support import REPO, cpu_env, train_workdir
 
-# One worker runs the whole module, so the workdir is trained once.
-pytestmark = pytest.mark.xdist_group("predict")
 
 
 # Session scope: trained once per worker even when other modules' tests run
@@ -35,6 +35,15 @@ def workdir(tiny_dataset, tmp_path_factory) -> Path:
                        tmp_path_factory.mktemp("predict") / "work",
                        "--config.total_steps=3", "--config.checkpoint_every=3",
                        "--config.eval_every=1000")
+
+
+@pytest.fixture(scope="session")
+def second_workdir(tiny_dataset, tmp_path_factory) -> Path:
+  """Another member for the ensemble: the same run with another seed."""
+  return train_workdir("configs/retina.py:tiny", tiny_dataset,
+                       tmp_path_factory.mktemp("predict") / "seed1",
+                       "--config.seed=1", "--config.total_steps=3",
+                       "--config.checkpoint_every=3", "--config.eval_every=1000")
 
 
 @pytest.fixture(scope="session")
@@ -186,3 +195,61 @@ def test_config_json_rebuilds_the_method(workdir):
   p = predict.load_predictor(workdir, threshold=0.3, checkpoint="latest")
   assert p.threshold == 0.3 and p.tiler.tile_cfg.tile_size == config.eval.tile_size
   assert p.tiler.tile_cfg.score_thresh == min(config.eval.score_thresh, 0.3)
+
+
+def _read_csv(path: Path) -> Detections:
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  names = {v: k for k, v in CHALLENGE_NAMES.items()}
+  return Detections([[float(r["x_px"]), float(r["y_px"])] for r in rows],
+                           [float(r["probability"]) for r in rows],
+                           [names[r["name"]] for r in rows])
+
+
+@pytest.mark.e2e
+def test_cli_ensemble_agrees_with_each_member(workdir, second_workdir, tiny_dataset,
+                                              tmp_path):
+  """Several --workdir: the agreement (ensemble.combine) of the members' outputs."""
+  workdirs = [workdir, second_workdir]
+  image = tiny_dataset / "001.tiff"
+  spacing = slides_lib.Slide(image).spacing_um
+  radius = 7.5 / spacing
+  # The members on their own, threshold 0 (every candidate, so they have
+  # plenty to agree and disagree on).
+  with slides_lib.Slide(image) as slide:
+    singles = predict.detect_image([predict.load_predictor(w, 0.0) for w in workdirs],
+                                   slide)
+  assert all(len(s) > 0 for s in singles)
+  out = tmp_path / "ensemble"
+  cmd = [sys.executable, "-m", "midog_jax.predict", "--workdir", str(workdirs[0]),
+         "--workdir", str(workdirs[1]), "--images", str(image), "--out", str(out),
+         "--threshold", "0", "--formats", "json,csv"]
+  r = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.strip().splitlines()[-1].startswith("done: 1 of 1 images written")
+  obj = json.loads((out / "001.json").read_text())
+  assert obj["type"] == "Multiple points" and obj["version"] == {"major": 1, "minor": 0}
+  ens = _read_csv(out / "001.csv")
+  mm = np.asarray([p["point"] for p in obj["points"]], np.float64).reshape(-1, 3)
+  np.testing.assert_allclose(mm[:, :2], ens.xy * spacing / 1000.0, rtol=1e-6)
+  assert all(p["point"][2] == 0 and 0 <= p["probability"] <= 1 for p in obj["points"])
+
+  assert 0 < len(ens) <= min(len(s) for s in singles)
+  for s in singles:
+    d = np.sqrt(((ens.xy[:, None] - s.xy[None]) ** 2).sum(-1))
+    assert np.all(d.min(1) <= radius + 1e-3)
+  # Exactly the agreement of the members' own outputs.
+  want = ensemble.combine(singles, radius_px=radius)
+  np.testing.assert_allclose(ens.xy, want.xy, atol=1e-3)
+  np.testing.assert_allclose(ens.scores, want.scores, atol=1e-6)
+
+
+def test_workdir_lists_and_comma_separated_values():
+  assert predict._workdirs("a") == ["a"]
+  assert predict._workdirs(Path("a")) == ["a"]
+  assert predict._workdirs(["a,b", "c"]) == ["a", "b", "c"]
+  assert predict._workdirs("a, b") == ["a", "b"]
+  args = predict._parser().parse_args(["--workdir", "a", "--workdir", "b,c", "--images",
+                                       "x.tif", "--out", "o"])
+  assert predict._workdirs(args.workdir) == ["a", "b", "c"]

@@ -23,10 +23,12 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import jax
 import jax.numpy as jnp
 
-# uint8 tiles (B, T, T, 3) -> (points (B, K, 2) (x, y) in the tiles' pixel
-# coordinates, scores (B, K), classes (B, K) int32 MITOSIS/IMPOSTER, valid
-# (B, K) bool). Jitted; fixed K so one compiled program serves every tile.
-TileFn = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
+# (variables, uint8 tiles (B, T, T, 3)) -> (points (B, K, 2) (x, y) in the
+# tiles' pixel coordinates, scores (B, K), classes (B, K) int32
+# MITOSIS/IMPOSTER, valid (B, K) bool). Jitted, with fixed K, and the weights
+# an ARGUMENT (not constants baked into the program): one compiled program
+# serves every tile, every validation during training and every workdir.
+TileFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 # uint8 patches (B, P, P, 3) -> (B,) probability that each patch is centred on
 # a mitotic figure (what hard-negative mining ranks negatives by). Jitted.
 PatchScoreFn = Callable[[jax.Array], jax.Array]
@@ -91,12 +93,13 @@ class Detector(Protocol):
     arrays, ``loss`` among them.
     """
 
-  def make_tile_fn(self, variables: dict, score_thresh: float) -> TileFn:
+  def make_tile_fn(self, score_thresh: float) -> TileFn:
     """The jitted whole-image tile detector (normalisation and decoding inside).
 
     ``score_thresh`` is the lowest score worth returning; suppression of
     duplicates across tiles is ``infer``'s merge, within a tile the
-    detector's own decoding.
+    detector's own decoding. The same threshold gives the same function
+    object, so jit's cache keeps its compiled program.
     """
 
   def make_patch_score_fn(self, variables: dict, patch_size: int) -> PatchScoreFn:

@@ -43,8 +43,6 @@ from midog_jax.detectors import p4 as p4m
 from midog_jax.models import p4_resnet as pr
 from support import REPO, cpu_env, train_workdir
 
-# One worker for the module: its tests share a trained workdir fixture.
-pytestmark = pytest.mark.xdist_group("p4_method")
 SPACING_UM = 0.25
 
 
@@ -191,8 +189,8 @@ def test_tile_fn_returns_thresholded_local_maxima_inside_the_tile():
                     if (dy, dx) != (1, 1)])
   strict = logit > neigh.max(0)
   thresh = float(np.median(prob[strict]))  # so the threshold matters
-  pts, scores, classes, valid = map(np.asarray, method.make_tile_fn(
-      variables, thresh)(tiles))
+  pts, scores, classes, valid = map(np.asarray, method.make_tile_fn(thresh)(
+      variables, tiles))
   for b in range(2):
     want = strict[b] & (prob[b] >= thresh)
     assert 0 < want.sum() < strict[b].sum()
@@ -220,10 +218,10 @@ def test_tiled_detect_equals_whole_image_maxima(tile, overlap):
   assert ctx == rf // 2 - 1
   variables = _random_variables(method, rf, 3)
   image = _noisy_image(130, 150, 7)  # even sides; several tiles each way
-  tile_fn = method.make_tile_fn(variables, 0.0)
+  tile_fn = method.make_tile_fn(0.0)
   cfg = infer.TileConfig(tile_size=tile, overlap=overlap, tile_batch=4,
                          merge_radius=0.0, score_thresh=0.0, context=ctx)
-  got = infer.detect(image, tile_fn, cfg)
+  got = infer.detect(image, tile_fn, variables, cfg)
 
   # Reference: the whole image padded by the context (white, as the tile
   # reader pads), one application, local maxima, back to image pixels.
@@ -242,7 +240,7 @@ def test_tiled_detect_equals_whole_image_maxima(tile, overlap):
   # With a merge radius the tiles' merge equals suppression on the whole map.
   cfg = infer.TileConfig(tile_size=tile, overlap=overlap, tile_batch=4,
                          merge_radius=6.0, score_thresh=0.0, context=ctx)
-  got = infer.detect(image, tile_fn, cfg)
+  got = infer.detect(image, tile_fn, variables, cfg)
   keep = infer.suppress_by_distance(ref, ref_s, 6.0)
   assert 0 < len(keep) < len(ref)
   np.testing.assert_array_equal(np.sort(got.xy, axis=0), np.sort(ref[keep], axis=0))

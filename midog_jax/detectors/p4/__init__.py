@@ -39,6 +39,7 @@ tile's map.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -171,8 +172,9 @@ class P4Detector:
     return loss, (dict(loss=loss, accuracy=accuracy, pos_fraction=labels.mean()),
                   new_stats)
 
-  def make_tile_fn(self, variables: dict, score_thresh: float) -> interface.TileFn:
-    """Jitted uint8 context-padded tiles -> points, scores, classes, valid.
+  @functools.lru_cache(maxsize=8)
+  def make_tile_fn(self, score_thresh: float) -> interface.TileFn:
+    """Jitted (variables, uint8 context-padded tiles) -> points, scores, classes, valid.
 
     Points are in the pixel-index coordinates of the tiles as given (the
     caller subtracts the context); suppression across tiles is ``infer``'s
@@ -182,7 +184,7 @@ class P4Detector:
     thresh = float(score_thresh)
 
     @jax.jit
-    def tile_fn(tiles):
+    def tile_fn(variables, tiles):
       logit = self._apply(variables, tiles, train=False)[0][..., 0]
       b, oh, ow = logit.shape
       prob = jax.nn.sigmoid(logit)

@@ -17,6 +17,7 @@ foreground nor as background).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -120,12 +121,13 @@ class RetinaNetDetector:
     loss, metrics = losses.normalize(parts, self.cfg.box_weight)
     return loss, (metrics, new_stats)
 
-  def make_tile_fn(self, variables: dict, score_thresh: float) -> interface.TileFn:
-    """Jitted uint8 tiles -> points in tile pixels, scores, classes, valid."""
+  @functools.lru_cache(maxsize=8)
+  def make_tile_fn(self, score_thresh: float) -> interface.TileFn:
+    """Jitted (variables, uint8 tiles) -> points in tile pixels, scores, classes, valid."""
     thresh, topk, radius = float(score_thresh), int(self.cfg.topk), self.radius
 
     @jax.jit
-    def tile_fn(tiles):
+    def tile_fn(variables, tiles):
       (cls, box), _ = self._apply(variables, tiles, train=False)
       pts, scores, classes, valid = decode.postprocess(
           cls, box, self.anchors(tiles.shape[1]), score_thresh=thresh, topk=topk,

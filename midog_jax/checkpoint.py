@@ -63,15 +63,23 @@ class Checkpoints:
     self.latest.wait_until_finished()
 
   def save_best(self, step: int, state: Any, meta: dict) -> None:
-    """Replaces the best checkpoint."""
-    # Every earlier best goes, the same step included: a run resumed from an
-    # older "latest" validates step S again and must be able to replace it.
-    for s in self.best.all_steps():
-      self.best.delete(s)
+    """Replaces the best checkpoint, never leaving none behind.
+
+    The new best is written (orbax: to a temporary folder, renamed when
+    complete) BEFORE the old ones are deleted, so a kill in between leaves
+    two bests and readers take the newest. Only a best at this very step (a
+    run resumed from an older "latest" validates step S again) is deleted
+    first, since orbax cannot write over a step.
+    """
+    if step in self.best.all_steps():
+      self.best.delete(step)
     self.best.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
     self.best.wait_until_finished()
+    for s in self.best.all_steps():
+      if s != step:
+        self.best.delete(s)
 
   def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
     """Restores state and (in place) the iterator; returns (state, meta)."""
@@ -121,9 +129,13 @@ def load_for_inference(workdir: str | os.PathLike, which: str = "best"
         item_handlers=dict(state=ocp.StandardCheckpointHandler(),
                            meta=ocp.JsonCheckpointHandler()),
         options=ocp.CheckpointManagerOptions(read_only=True))
-    step = mngr.latest_step()
-    if step is None:
+    steps = mngr.all_steps()
+    if not steps:
       continue
+    # Two bests exist only after a kill inside save_best, where the newer one
+    # is the new best even when its step is lower (a resumed run): the most
+    # recently written wins.
+    step = max(steps, key=lambda st: ((d / str(st)).stat().st_mtime_ns, st))
     r = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     state = r["state"]

@@ -1,8 +1,17 @@
-"""One error type for bad input, always naming the offending file and the problem."""
+"""The project's error types and how command-line programs report them.
+
+Every CLI ends in :func:`exit_code`: bad input (:class:`DataError`) is ONE
+line naming the file and the problem (exit 1), a non-finite loss is one line
+(exit 3), a run stopped by SIGTERM/SIGINT after saving its work is one line
+saying where it stopped (exit 0), and Ctrl-C outside a protected phase is one
+line (exit 130). Tracebacks only with ``MIDOG_TRACEBACK=1``.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from typing import Callable
 
 
 class DataError(ValueError):
@@ -13,3 +22,48 @@ class DataError(ValueError):
     self.problem = problem
     where = self.path if self.path is not None else "<input>"
     super().__init__(f"{where}: {problem}")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/inf loss or parameters; the last good checkpoint is kept."""
+
+
+class Stopped(Exception):
+  """A run stopped early on a signal, after saving what it had.
+
+  Attributes:
+    signal_name: "SIGTERM" or "SIGINT".
+    message: one line for the user: where it stopped, how to resume.
+  """
+
+  def __init__(self, signal_name: str, message: str):
+    super().__init__(message)
+    self.signal_name = signal_name
+    self.message = message
+
+
+def _line(e: BaseException) -> str:
+  return " ".join(str(e).split())
+
+
+def exit_code(fn: Callable[[], object]) -> int:
+  """Runs ``fn`` and turns the project's outcomes into one line and an exit code."""
+  try:
+    fn()
+    return 0
+  except Stopped as e:
+    print(e.message, file=sys.stderr, flush=True)
+    return 0
+  except NonFiniteLossError as e:
+    if os.environ.get("MIDOG_TRACEBACK"):
+      raise
+    print(f"error: {_line(e)}", file=sys.stderr, flush=True)
+    return 3
+  except DataError as e:
+    if os.environ.get("MIDOG_TRACEBACK"):
+      raise
+    print(f"error: {_line(e)}", file=sys.stderr, flush=True)
+    return 1
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr, flush=True)
+    return 130

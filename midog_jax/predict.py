@@ -22,8 +22,10 @@ resolution tags, or ``--spacing_um`` (which overrides the tags).
 
 Bad images (missing, corrupt, truncated, unsupported pixels, no known pixel
 spacing) are reported on stderr and skipped; the others are still written, and
-nothing is written for a failed image. Exit code 0: all images written;
-1: some failed; 2: usage or workdir errors.
+nothing is written for a failed image. SIGTERM or Ctrl-C: the current image
+is finished, then the run stops (one line saying how far it got, exit 1).
+Exit code 0: all images written; 1: some failed or the run was stopped;
+2: usage or workdir errors.
 
 The model half (:class:`Predictor`, one per workdir, and :func:`detect_image`,
 one ``Detections`` per image per workdir) is kept apart from the output half
@@ -49,7 +51,8 @@ import numpy as np
 from midog_jax import ensemble, export
 from midog_jax.data import slides as slides_lib
 from midog_jax.detections import Detections
-from midog_jax.errors import DataError
+from midog_jax import signals
+from midog_jax.errors import DataError, Stopped
 from midog_jax.fileio import read_json, write_json_atomic
 
 FORMATS = ("json", "geojson", "csv")
@@ -274,6 +277,7 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
   Raises:
     DataError: the workdir cannot be used (nothing is written then).
     ValueError: bad arguments (unknown format, non-positive spacing).
+    errors.Stopped: SIGTERM/SIGINT; the images before it are complete.
   """
   formats = tuple(formats)
   bad = [f for f in formats if f not in FORMATS]
@@ -290,34 +294,43 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
 
   results: dict[str, dict] = {}
   sources: dict[str, Path] = {}
-  for path, problem in expand_images(images):
-    stem = path.stem if path.suffix.lower() in TIFF_SUFFIXES else path.name
-    t0 = time.perf_counter()
-    try:
-      if problem is not None:
-        raise DataError(path, problem)
-      if stem in sources:
-        raise DataError(path, f"output name {stem!r} is already used by "
-                        f"{sources[stem]}; rename one of them")
-      with slides_lib.Slide(path) as slide:
-        spacing = _spacing(slide, spacing_um)
-        # The matching radius (7.5 um) in this image's pixels.
-        dets = ensemble.combine(detect_image(predictors, slide), radius_px=7.5 / spacing)
-        paths = output_paths(out, stem, formats, overlays)
-        write_outputs(dets, spacing, paths, slide)
-      sources[stem] = path
-    except (DataError, OSError) as e:
-      msg = str(e) if isinstance(e, DataError) else f"{path}: {e}"
-      key = stem if stem not in results else str(path)
-      results[key] = {"error": msg}
+  todo = expand_images(images)
+  # SIGTERM/Ctrl-C: the current image is finished (its files are written
+  # whole or not at all), then the run stops.
+  with signals.StopRequest("the current image") as stop:
+    for path, problem in todo:
+      if stop.requested:
+        done = sum("error" not in r for r in results.values())
+        raise Stopped(stop.signal_name, (
+            f"stopped on {stop.signal_name} after {len(results)} of {len(todo)} images "
+            f"({done} written to {out}, each complete); run again for the rest"))
+      stem = path.stem if path.suffix.lower() in TIFF_SUFFIXES else path.name
+      t0 = time.perf_counter()
+      try:
+        if problem is not None:
+          raise DataError(path, problem)
+        if stem in sources:
+          raise DataError(path, f"output name {stem!r} is already used by "
+                          f"{sources[stem]}; rename one of them")
+        with slides_lib.Slide(path) as slide:
+          spacing = _spacing(slide, spacing_um)
+          # The matching radius (7.5 um) in this image's pixels.
+          dets = ensemble.combine(detect_image(predictors, slide), radius_px=7.5 / spacing)
+          paths = output_paths(out, stem, formats, overlays)
+          write_outputs(dets, spacing, paths, slide)
+        sources[stem] = path
+      except (DataError, OSError) as e:
+        msg = str(e) if isinstance(e, DataError) else f"{path}: {e}"
+        key = stem if stem not in results else str(path)
+        results[key] = {"error": msg}
+        if verbose:
+          print(f"error: {msg} (skipped)", file=sys.stderr, flush=True)
+        continue
+      secs = time.perf_counter() - t0
+      results[stem] = {"n": len(dets), "path": str(next(iter(paths.values()))),
+                       "seconds": secs}
       if verbose:
-        print(f"error: {msg} (skipped)", file=sys.stderr, flush=True)
-      continue
-    secs = time.perf_counter() - t0
-    results[stem] = {"n": len(dets), "path": str(next(iter(paths.values()))),
-                     "seconds": secs}
-    if verbose:
-      print(f"{stem}: {len(dets)} detections ({secs:.2f} s)", flush=True)
+        print(f"{stem}: {len(dets)} detections ({secs:.2f} s)", flush=True)
   return results
 
 
@@ -367,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Stopped as e:  # not every image was done: not a success
+    print(e.message, file=sys.stderr)
+    return 1
   failed = sum("error" in r for r in results.values())
   n_dets = sum(r.get("n", 0) for r in results.values())
   print(f"done: {len(results) - failed} of {len(results)} images written to "

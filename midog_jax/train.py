@@ -23,14 +23,11 @@ import numpy as np
 import optax
 
 from midog_jax import checkpoint as ckpt_lib
-from midog_jax import detectors, evaluation, optim, parallel
+from midog_jax import detectors, evaluation, optim, parallel, signals
 from midog_jax.data import experiment, pipeline
+from midog_jax.errors import NonFiniteLossError, Stopped
 from midog_jax.fileio import write_json_atomic
 from midog_jax.metric_writer import MetricWriter, Progress, accumulate
-
-
-class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
 
 def train_step(state, batch, *, detector, tx):
@@ -52,6 +49,22 @@ def eval_loss_step(state, batch, *, detector):
   _, (metrics, _) = detector.loss(state["params"], state["batch_stats"], batch,
                                   train=False)
   return metrics
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """One bool: every leaf of ``tree`` is finite (checked before every save)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is True on any (a stop at one step)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def variables_of(state) -> dict:
@@ -158,6 +171,14 @@ def train_and_evaluate(config, workdir: str, negatives=None, writer=None) -> dic
   def meta_now():
     return dict(best.to_meta(), config=config.to_dict())
 
+  def check_finite(step):
+    """Refuses to validate or save non-finite parameters."""
+    if not bool(_all_finite(state["params"])):
+      raise NonFiniteLossError(
+          f"non-finite parameters at step {step}; nothing saved. The last good "
+          f"checkpoint (step {ckpts.latest_step()}) in {workdir}/checkpoints is "
+          "intact; lower the learning rate or enable optimizer.grad_clip.")
+
   def validate(step):
     """Validation loss and whole-image F1; saves the best checkpoint."""
     scalars = {}
@@ -176,38 +197,52 @@ def train_and_evaluate(config, workdir: str, negatives=None, writer=None) -> dic
       writer.write_scalars(step, scalars)
       log(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
 
-  # Train.
+  # Train. A SIGTERM/SIGINT only sets a flag: the current step finishes, a
+  # checkpoint is saved and the run stops (errors.Stopped).
   start = int(state["step"])
   progress = Progress(config.total_steps, start, enabled=is_main)
   t_start = time.perf_counter()
   pending = []
-  for step in range(start + 1, config.total_steps + 1):
-    batch = next(train_iter)
-    if config.debug_step_sleep:
-      time.sleep(config.debug_step_sleep)  # lets tests interrupt a run mid-way
-    if step == start + 1:
-      writer.write_images(step, {"train/examples": _example_image(batch)})
-    state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
-    pending.append(metrics)
-    last = step == config.total_steps
-    if step % config.log_every == 0 or step % config.checkpoint_every == 0 or last:
-      # One host sync per log interval; a NaN anywhere in it stops the run
-      # before anything is saved, so the last checkpoint stays good.
-      got, pending = jax.device_get(pending), []
-      first = step - len(got) + 1
-      bad = [first + i for i, m in enumerate(got) if not math.isfinite(float(m["loss"]))]
-      if bad:
-        raise NonFiniteLossError(
-            f"non-finite loss at step {bad[0]}; stopped without saving. The last "
-            f"good checkpoint (step {ckpts.latest_step()}) in {workdir}/checkpoints "
-            "is intact; lower the learning rate or enable optimizer.grad_clip.")
-      scalars = dict(accumulate(got), lr=float(schedule(step - 1)))
-      writer.write_scalars(step, scalars)
-      progress.line(step, {"loss": scalars["loss"]})
-    if step % config.eval_every == 0 or last:
-      validate(step)
-    if step % config.checkpoint_every == 0 or last:
-      ckpts.save(step, state, train_iter, meta_now())
+  with signals.StopRequest("the current step") as stop:
+    for step in range(start + 1, config.total_steps + 1):
+      batch = next(train_iter)
+      if config.debug_step_sleep:
+        time.sleep(config.debug_step_sleep)  # lets tests interrupt a run mid-way
+      if step == start + 1:
+        writer.write_images(step, {"train/examples": _example_image(batch)})
+      state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
+      pending.append(metrics)
+      last = step == config.total_steps
+      stopping = _any_process(stop.requested)
+      evaluate_now = (step % config.eval_every == 0 or last) and not stopping
+      save_now = step % config.checkpoint_every == 0 or last or stopping
+      if step % config.log_every == 0 or evaluate_now or save_now:
+        # One host sync per interval; a NaN anywhere in it stops the run
+        # before anything is validated or saved, so the last checkpoint stays good.
+        got, pending = jax.device_get(pending), []
+        first = step - len(got) + 1
+        bad = [first + i for i, m in enumerate(got) if not math.isfinite(float(m["loss"]))]
+        if bad:
+          raise NonFiniteLossError(
+              f"non-finite loss at step {bad[0]}; stopped without saving. The last "
+              f"good checkpoint (step {ckpts.latest_step()}) in {workdir}/checkpoints "
+              "is intact; lower the learning rate or enable optimizer.grad_clip.")
+        scalars = dict(accumulate(got), lr=float(schedule(step - 1)))
+        writer.write_scalars(step, scalars)
+        progress.line(step, {"loss": scalars["loss"]})
+      if evaluate_now or save_now:
+        check_finite(step)  # before validating: broken weights give no result
+      if evaluate_now:
+        validate(step)
+      if save_now:
+        ckpts.save(step, state, train_iter, meta_now())
+      if stopping:
+        writer.close()
+        ckpts.close()
+        raise Stopped(stop.signal_name, (
+            f"stopped at step {step} of {config.total_steps} on {stop.signal_name}: "
+            f"checkpoint saved in {workdir}/checkpoints; run the same command again "
+            "to resume"))
   train_seconds = time.perf_counter() - t_start
   writer.flush()
 

@@ -21,7 +21,7 @@ MAX_LINES = 500
 LAYERS = (
     # Foundations: types, ids, atomic files, errors, mesh, the MIDOG metric,
     # metric writing, checkpoints, optimisers, configs.
-    ("errors", "detections", "fileio", "parallel", "metrics", "metric_writer",
+    ("errors", "signals", "detections", "fileio", "parallel", "metrics", "metric_writer",
      "checkpoint", "optim", "configs"),
     ("data", "models"),                          # cases, pixels, pure Flax modules
     ("detectors",),                              # one interface, one module each

@@ -11,12 +11,14 @@ missing file is a one-line ``DataError``), workdirs and orbax step folders.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import save_file
 
@@ -331,3 +333,20 @@ def test_merge_pretrained_from_a_real_checkpoint(tmp_path, ckpts):
       fresh, ckpt_lib.load_pretrained(tmp_path))
   assert skipped == [] and len(loaded) == 4
   _assert_same_tree(merged["params"], _state(seed=5.0)["params"])
+
+
+def test_a_kill_inside_save_best_leaves_the_new_best_readable(tmp_path, ckpts):
+  # A kill after the new best is complete but before the old one is deleted
+  # leaves both; the newer must be read, even at a lower step (a resumed run).
+  ckpts.save_best(8, _state(seed=8.0, step=8), dict(f1=0.7))
+  time.sleep(0.01)  # distinct folder times
+  best_dir = tmp_path / "checkpoints" / "best"
+  keep_all = ckpt_lib._manager(best_dir, None, ("state", "meta"))  # no clean-up
+  keep_all.save(6, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_state(seed=6.0, step=6)),
+      meta=ocp.args.JsonSave(dict(f1=0.9))), force=True)
+  keep_all.wait_until_finished()
+  assert _steps_on_disk(best_dir) == [6, 8]
+  variables, meta = ckpt_lib.load_for_inference(tmp_path, "best")
+  assert meta == dict(f1=0.9)
+  _assert_same_tree(variables["params"], _state(seed=6.0)["params"])

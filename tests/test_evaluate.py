@@ -73,13 +73,15 @@ def test_midway_detection_goes_to_first_truth():
 
 
 @pytest.mark.parametrize("offset_px, spacing, hit", [
-    ((30, 0), 0.25, True),  # 30 px * 0.25 um = 7.5 um: inclusive -> TP
-    ((18, 24), 0.25, True),  # 3-4-5 triangle: sqrt(18^2 + 24^2) = 30 px = 7.5 um
+    ((29.9, 0), 0.25, True),  # 7.475 um -> TP
     ((30.4, 0), 0.25, False),  # 30.4 px * 0.25 = 7.6 um -> miss
-    ((7.5 / 0.23, 0), 0.23, True),  # 32.61 px at 0.23 um/px = 7.5 um
+    ((32.5, 0), 0.23, True),  # 7.475 um at 0.23 um/px
     ((7.6 / 0.23, 0), 0.23, False),  # 7.6 um
+    # Exactly 7.5 um on paper: 30 px at 0.25 um/px is 0.0075000000000000015 mm
+    # after the conversion, and the organisers' "<= 7.5 um" (no slack) misses it.
+    ((30, 0), 0.25, False),
 ])
-def test_radius_is_inclusive_at_7_5_um(offset_px, spacing, hit):
+def test_radius_at_7_5_um_without_slack(offset_px, spacing, hit):
   c = _case(mitoses=[[1000, 1200]], spacing=spacing)
   r = evaluate.evaluate_points([c], {1: _pred([1000 + offset_px[0],
                                                 1200 + offset_px[1]])})
@@ -87,14 +89,14 @@ def test_radius_is_inclusive_at_7_5_um(offset_px, spacing, hit):
   assert _counts(r) == ((1, 0, 0) if hit else (0, 1, 1))
 
 
-def test_empty_case_gives_zeros_without_crash():
-  # No truth, no predictions: all counts 0; F1 = 0 / (0 + eps) = 0.
+def test_empty_case_scores_one_as_the_organisers_formula_does():
+  # No truth, no predictions: all counts 0; F1 = (0 + eps) / (0 + eps) = 1.
   r = evaluate.evaluate_points([_case()], {1: _pred()})
   assert _counts(r) == (0, 0, 0)
-  assert r["precision"] == r["recall"] == r["f1"] == 0.0
+  assert r["precision"] == r["recall"] == 0.0 and r["f1"] == 1.0
   assert r["n_cases"] == 1
   best_t, best_f1, curve = evaluate.threshold_sweep([_case()], {1: _pred()})
-  assert best_f1 == 0.0 and len(curve) == 1
+  assert best_f1 == 1.0 and len(curve) == 1
 
 
 def test_truth_without_predictions():
@@ -102,7 +104,7 @@ def test_truth_without_predictions():
   r = evaluate.evaluate_points([_case(mitoses=[[10, 10], [200, 200], [400, 400]])],
                                {1: _pred()})
   assert _counts(r) == (0, 0, 3)
-  assert r["recall"] == 0.0 and r["f1"] == 0.0
+  assert r["recall"] == 0.0 and r["f1"] == pytest.approx(1e-6 / 3, rel=1e-3)  # eps / (3 + eps)
 
 
 def test_pooled_f1_differs_from_mean_of_per_case_f1():

@@ -9,16 +9,16 @@ Arguments: ``aug=rgb|od`` (CA-RGB or CA-OD colour augmentation: linear colour
 transforms in RGB or optical-density space), ``quick`` (a 2-core CPU run of a
 few minutes on the synthetic ``small`` set), ``tiny`` (test-sized).
 
-From the seed: P4 group convolutions, ~70 layers, one 2x2 max-pool, 78 px
+From the paper: P4 group convolutions, ~70 layers, one 2x2 max-pool, 78 px
 receptive field (``FULL_PLAN``); patch classification with cross-entropy;
 balanced mini-batches of 128; SGD with momentum and a cosine cyclic learning
 rate; weight decay; batch norm; shifts, flips, elastic deformation and colour
 augmentation; the weights with the LOWEST validation loss are kept
 (``best_metric="val_loss"``) and their threshold is the F1-best one on the
 validation images; dense application and local maxima at inference. Not in the
-seed, so chosen here: width 16, learning rate 0.01 (0.05 collapsed the quick
+paper, so chosen here: width 16, learning rate 0.01 (0.05 collapsed the quick
 net to a constant output within 150 steps), momentum 0.9, weight decay
-1e-4 (the seed gives no number), 4 cosine cycles of 10k steps, shifts of
+1e-4 (the paper gives no number), 4 cosine cycles of 10k steps, shifts of
 +-2 px, elastic alpha 1 px / sigma 16 px, colour strength 1.0 ("aggressive"),
 positive radius 8 px, negatives at least 30 px (the 7.5 um matching radius at
 0.25 um/px) from every mitotic figure.

@@ -253,6 +253,20 @@ def _affine(x: np.ndarray, m: np.ndarray, b: np.ndarray) -> np.ndarray:
   return y
 
 
+def _random_linear_map(rng: np.random.Generator, s: float, bias: float,
+                       gain: float = 0.2, mix: float = 0.05
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """The random 3x3 map and bias of both colour augmentations, at strength ``s``.
+
+  Diagonal gains 1 +- ``gain`` s, off-diagonal mixing +- ``mix`` s, bias
+  +- ``bias`` s (drawn in that order).
+  """
+  m = np.diag(1 + s * rng.uniform(-gain, gain, 3))
+  off = s * rng.uniform(-mix, mix, (3, 3))
+  np.fill_diagonal(off, 0)
+  return m + off, s * rng.uniform(-bias, bias, 3)
+
+
 def rgb_colour(image: np.ndarray, rng: np.random.Generator,
                strength: float = 1.0) -> np.ndarray:
   """Lafarge & Koelzer's CA-RGB: a random linear map in RGB space.
@@ -262,13 +276,9 @@ def rgb_colour(image: np.ndarray, rng: np.random.Generator,
   """
   if strength == 0:
     return image.copy()
-  s = float(strength)
-  m = np.diag(1 + s * rng.uniform(-0.2, 0.2, 3))
-  mix = s * rng.uniform(-0.05, 0.05, (3, 3))
-  np.fill_diagonal(mix, 0)
-  b = s * rng.uniform(-0.08, 0.08, 3) * 255
+  m, b = _random_linear_map(rng, float(strength), bias=0.08 * 255)
   x = np.ascontiguousarray(_channels_first(image), np.float32)
-  return _to_image(_to_uint8(_affine(x, m + mix, b)), image.shape)
+  return _to_image(_to_uint8(_affine(x, m, b)), image.shape)
 
 
 def od_colour(image: np.ndarray, rng: np.random.Generator,
@@ -285,14 +295,10 @@ def od_colour(image: np.ndarray, rng: np.random.Generator,
   """
   if strength == 0:
     return image.copy()
-  s = float(strength)
-  a = np.diag(1 + s * rng.uniform(-0.2, 0.2, 3))
-  mix = s * rng.uniform(-0.05, 0.05, (3, 3))
-  np.fill_diagonal(mix, 0)
-  bias = s * rng.uniform(-0.03, 0.03, 3)
-  # od = c @ M  =>  c = od @ inv(M); c' = c @ (a + mix) + bias; od' = c' @ M
+  a, bias = _random_linear_map(rng, float(strength), bias=0.03)
+  # od = c @ M  =>  c = od @ inv(M); c' = c @ a + bias; od' = c' @ M
   hed = stain.DEFAULT_STAIN_MATRIX.astype(np.float64)
-  m = np.linalg.inv(hed) @ (a + mix) @ hed
+  m = np.linalg.inv(hed) @ a @ hed
   od = _affine(stain.rgb_to_od(_channels_first(image)), m, bias @ hed)
   return _to_image(stain.od_to_rgb(od), image.shape)
 

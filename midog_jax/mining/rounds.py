@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from midog_jax import errors
 from midog_jax.errors import DataError
 from midog_jax.fileio import atomic_output, write_json_atomic
 from midog_jax.mining.negatives import (SOURCES, initial_negative_pool,
@@ -201,30 +202,20 @@ def run_rounds(config, workdir: str | os.PathLike, rounds: int, *,
   return summary
 
 
-def _fail(e: BaseException, code: int) -> None:
-  """One ``error: ...`` line on stderr, no traceback, then exit ``code``."""
-  print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-  sys.exit(code)
-
-
 def main(argv):
   """CLI: ``--config`` (config file), ``--workdir``, ``--rounds``.
 
   The flags are defined by ``midog_jax.mining.__main__``. Exits 3 when
   training hits a non-finite loss and 1 on bad input data (``DataError``),
-  each with one ``error:`` line on stderr.
+  each with one ``error:`` line on stderr; 0 when a signal stopped a round
+  after its checkpoint (a rerun resumes that round).
   """
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   from midog_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed()
-  # After distributed init: importing train touches devices.
-  from midog_jax import train  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  try:
-    run_rounds(f.config, f.workdir, f.rounds)
-  except train.NonFiniteLossError as e:
-    _fail(e, 3)
-  except DataError as e:
-    _fail(e, 1)
+  # 0 done (or stopped by SIGTERM/SIGINT after a checkpoint: rerun to resume),
+  # 1 bad data, 3 non-finite loss.
+  sys.exit(errors.exit_code(lambda: run_rounds(f.config, f.workdir, f.rounds)))

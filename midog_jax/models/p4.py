@@ -98,7 +98,28 @@ def group_kernel(kernel: Array) -> Array:
 _he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
-class P4Lift(nn.Module):
+class _P4ConvBase(nn.Module):
+  """The attributes of both P4 convolutions and their shared output step."""
+
+  features: int
+  kernel_size: int | Sequence[int] = 3
+  stride: int | Sequence[int] = 1
+  padding: str = "VALID"
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = _he
+
+  def _group_output(self, y: Array) -> Array:
+    """Flat convolution output -> ``(B, H, W, C, 4)`` (+ a bias per group channel)."""
+    y = _unflat(y)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)[:, None]
+    return y
+
+
+class P4Lift(_P4ConvBase):
   """Lifting convolution: image ``(B, H, W, Cin)`` -> group map ``(B, H', W', C, 4)``.
 
   One learnable ``(k, k, Cin, C)`` kernel, applied at its 4 rotations in a
@@ -113,13 +134,6 @@ class P4Lift(nn.Module):
     dtype: computation dtype; parameters stay float32.
   """
 
-  features: int
-  kernel_size: int | Sequence[int] = 3
-  stride: int | Sequence[int] = 1
-  padding: str = "VALID"
-  use_bias: bool = False
-  dtype: Dtype = jnp.float32
-  kernel_init: Any = _he
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -129,15 +143,10 @@ class P4Lift(nn.Module):
     full = lift_kernel(kernel).astype(self.dtype)
     y = lax.conv_general_dilated(x.astype(self.dtype), full, _pair(self.stride),
                                  self.padding, dimension_numbers=_DIMS)
-    y = _unflat(y)
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,),
-                        jnp.float32)
-      y = y + bias.astype(self.dtype)[:, None]
-    return y
+    return self._group_output(y)
 
 
-class P4Conv(nn.Module):
+class P4Conv(_P4ConvBase):
   """Group convolution: ``(B, H, W, Cin, 4)`` -> ``(B, H', W', C, 4)``.
 
   Learnable kernel of shape ``(k, k, Cin, 4, C)``; the full
@@ -148,13 +157,6 @@ class P4Conv(nn.Module):
   Attributes: as ``P4Lift``.
   """
 
-  features: int
-  kernel_size: int | Sequence[int] = 3
-  stride: int | Sequence[int] = 1
-  padding: str = "VALID"
-  use_bias: bool = False
-  dtype: Dtype = jnp.float32
-  kernel_init: Any = _he
 
   @nn.compact
   def __call__(self, g: Array) -> Array:
@@ -167,12 +169,7 @@ class P4Conv(nn.Module):
     y = lax.conv_general_dilated(_flat(g).astype(self.dtype), full,
                                  _pair(self.stride), self.padding,
                                  dimension_numbers=_DIMS)
-    y = _unflat(y)
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,),
-                        jnp.float32)
-      y = y + bias.astype(self.dtype)[:, None]
-    return y
+    return self._group_output(y)
 
 
 class P4BatchNorm(nn.Module):

@@ -78,7 +78,7 @@ class LayerPlan:
 
 
 FULL_PLAN = LayerPlan()  # 70 conv layers, RF 78 (Lafarge & Koelzer, MIDOG 2022)
-# A cheaper plan with the seed's receptive field for 2-core CPU runs: the same
+# A cheaper plan with the paper's receptive field for 2-core CPU runs: the same
 # stem and pool, then 8 residual blocks of two 3x3 convolutions (RF
 # 1 + 12 + 1 + 2 * 32 = 78, 22 conv layers instead of 70).
 QUICK_PLAN = LayerPlan(lift_kernel=5, pre_pool=((3, 3), (3, 3)),

@@ -148,7 +148,7 @@ def test_spatial_max_pool_on_group_maps():
 
 
 def test_full_plan_depth_pool_and_rf():
-  """The seed's numbers: ~70 conv layers, exactly one max-pool, RF 78."""
+  """The paper's numbers: ~70 conv layers, exactly one max-pool, RF 78."""
   plan = pr.FULL_PLAN
   assert pr.receptive_field(plan) == 78
   assert pr.num_conv_layers(plan) == 70

@@ -22,7 +22,7 @@ centre lies anywhere in the image is at most 4 px (x and y) from a P3 anchor
 centre, so the size-50 P3 anchor has IoU >= 46^2 / (2 * 50^2 - 46^2) = 0.73
 with it, and the size-64 P4 anchor (<= 8 px off) has IoU >= 0.57: every cell
 gets at least two foreground anchors on merit, without the low-quality rule.
-``TORCHVISION_RATIOS`` gives the seed's exact 9-anchor layout.
+``TORCHVISION_RATIOS`` gives torchvision's (and Sheta's report's) 9-anchor layout.
 """
 
 from __future__ import annotations

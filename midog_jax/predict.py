@@ -141,8 +141,8 @@ def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
     if "threshold" not in meta:
       raise DataError(ckdir, "checkpoint meta has no threshold; pass --threshold")
     threshold = float(meta["threshold"])
-  if not math.isfinite(threshold):
-    raise ValueError(f"threshold must be finite, got {threshold}")
+  if not 0.0 <= threshold <= 1.0:  # NaN fails this too
+    raise ValueError(f"--threshold must be a probability in [0, 1], got {threshold}")
   detector = detectors.build(config)
   # Candidates below the output threshold would be dropped anyway; a threshold
   # under the training-time candidate cut-off lowers it, or "--threshold 0"
@@ -285,6 +285,8 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
     raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
   if spacing_um is not None and not (spacing_um > 0 and math.isfinite(spacing_um)):
     raise ValueError(f"spacing_um must be a positive number, got {spacing_um}")
+  if threshold is not None and not 0.0 <= threshold <= 1.0:  # before any model loads
+    raise ValueError(f"--threshold must be a probability in [0, 1], got {threshold}")
   predictors = [load_predictor(w, threshold, checkpoint) for w in _workdirs(workdir)]
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)

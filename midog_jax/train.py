@@ -25,9 +25,10 @@ import optax
 from midog_jax import checkpoint as ckpt_lib
 from midog_jax import detectors, evaluation, optim, parallel, signals
 from midog_jax.data import experiment, pipeline
-from midog_jax.errors import NonFiniteLossError, Stopped
+from midog_jax.errors import DataError, NonFiniteLossError, Stopped
 from midog_jax.fileio import write_json_atomic
 from midog_jax.metric_writer import MetricWriter, Progress, accumulate
+from midog_jax.workdir import WorkdirLock, check_resume_config
 
 
 def train_step(state, batch, *, detector, tx):
@@ -106,6 +107,17 @@ def train_and_evaluate(config, workdir: str, negatives=None, writer=None) -> dic
     Per evaluation set, the metrics of the best weights at their threshold.
   """
   workdir = Path(workdir)
+  if jax.process_index() != 0:
+    return _train_and_evaluate(config, workdir, negatives, writer)
+  # Process 0 guards the workdir: one run at a time, and a resume only with
+  # the config it was started with (checked before anything is written).
+  with WorkdirLock(workdir):
+    check_resume_config(workdir, json.loads(config.to_json_best_effort()))
+    return _train_and_evaluate(config, workdir, negatives, writer)
+
+
+def _train_and_evaluate(config, workdir: Path, negatives, writer) -> dict:
+  """The body of :func:`train_and_evaluate`, on every process."""
   is_main = jax.process_index() == 0
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -155,11 +167,18 @@ def train_and_evaluate(config, workdir: str, negatives=None, writer=None) -> dic
     if config.init_from:
       merged, loaded, skipped = ckpt_lib.merge_pretrained(
           variables, ckpt_lib.load_pretrained(config.init_from))
+      if skipped and config.get("init_strict", True):
+        # A mis-named weight file must not silently train from scratch.
+        raise DataError(config.init_from, (
+            f"{len(skipped)} of {len(loaded) + len(skipped)} arrays match no parameter "
+            f"of the model by name and shape: {', '.join(skipped[:8])}"
+            f"{' ...' if len(skipped) > 8 else ''}; set --config.init_strict=False "
+            "to load the rest"))
       state.update(params=merged["params"],
                    batch_stats=merged.get("batch_stats", batch_stats))
       state["opt_state"] = tx.init(state["params"])
-      log(f"initialised {len(loaded)} arrays from {config.init_from} "
-          f"({len(skipped)} skipped: shape or name mismatch)")
+      log(f"initialised {len(loaded)} arrays from {config.init_from}"
+          + (f"; skipped (shape or name mismatch): {', '.join(skipped)}" if skipped else ""))
   state = parallel.replicate(state, mesh)
   repl, data_sh = parallel.replicated(mesh), parallel.data_sharding(mesh)
   step_fn = jax.jit(functools.partial(train_step, detector=detector, tx=tx),

@@ -19,10 +19,10 @@ MAX_LINES = 500
 # Bottom to top. A module may import modules of its own layer or below, never
 # above. Matched by the longest prefix (module names without "midog_jax.").
 LAYERS = (
-    # Foundations: types, ids, atomic files, errors, mesh, the MIDOG metric,
-    # metric writing, checkpoints, optimisers, configs.
-    ("errors", "signals", "detections", "fileio", "parallel", "metrics", "metric_writer",
-     "checkpoint", "optim", "configs"),
+    # Foundations: types, ids, atomic files, errors, signals, workdir guards,
+    # mesh, the MIDOG metric, metric writing, checkpoints, optimisers, configs.
+    ("errors", "signals", "workdir", "detections", "fileio", "parallel", "metrics",
+     "metric_writer", "checkpoint", "optim", "configs"),
     ("data", "models"),                          # cases, pixels, pure Flax modules
     ("detectors",),                              # one interface, one module each
     ("infer", "evaluate", "ensemble", "baselines"),  # whole images, scoring

@@ -166,7 +166,7 @@ def test_default_threshold_comes_from_the_checkpoint(workdir, images, tmp_path):
   assert (tmp_path / "a" / "001.json").read_text() == (tmp_path / "b" / "001.json").read_text()
 
   res = predict.predict_images(workdir, [images["first"]], tmp_path / "c",
-                               threshold=1.01, verbose=False)
+                               threshold=1.0, verbose=False)  # no score of a 3-step model reaches 1
   assert res["001"]["n"] == 0
   assert _points(tmp_path / "c" / "001.json")[0].shape == (0, 2)
 
@@ -184,6 +184,9 @@ def test_usage_and_workdir_errors_exit_2(workdir, images, tmp_path, capsys):
   assert predict.main([f"--workdir={workdir}", *args, "--formats", "json,xml"]) == 2
   assert "formats" in capsys.readouterr().err
   assert predict.main([f"--workdir={workdir}", "--out", str(tmp_path / "o")]) == 2
+  for bad in ("1.5", "-0.1", "nan"):  # a probability, or a usage error
+    assert predict.main([f"--workdir={workdir}", *args, "--threshold", bad]) == 2
+    assert "--threshold must be a probability in [0, 1]" in capsys.readouterr().err
   assert not (tmp_path / "o").exists()
 
 

@@ -2,8 +2,7 @@
 
 Each run is a separate ``python -m midog_jax.main`` process (so emulated
 device counts can differ), on the tiny synthetic set with the test-sized
-RetinaNet (``configs/retina.py:tiny``). Two files, so the two test workers
-take the long runs in parallel.
+RetinaNet (``configs/retina.py:tiny``).
 """
 
 from __future__ import annotations

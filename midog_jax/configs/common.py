@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 10_000
   c.batch_size = 30
   c.init_from = ""            # orbax checkpoint dir or a workdir; "" = scratch
+  c.init_strict = True        # every array of init_from must match a parameter
   c.log_every = 50
   c.eval_every = 1000
   c.checkpoint_every = 1000

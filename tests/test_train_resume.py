@@ -1,9 +1,8 @@
-"""Training through the real CLI under faults: SIGKILL, SIGTERM and Ctrl-C + resume, the NaN guard.
+"""Training through the real CLI under faults: SIGKILL, SIGTERM and Ctrl-C, then resume.
 
-Each run is a separate ``python -m midog_jax.main`` process (so emulated
-device counts can differ), on the tiny synthetic set with the test-sized
-RetinaNet (``configs/retina.py:tiny``). Two files, so the two test workers
-take the long runs in parallel.
+Each run is a separate ``python -m midog_jax.main`` process on the tiny
+synthetic set with the test-sized RetinaNet (``configs/retina.py:tiny``); the
+resumed runs are compared with one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,12 +11,9 @@ import signal
 import subprocess
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from midog_jax import checkpoint as ckpt_lib
 from support import REPO, cpu_env, logged_losses, run_training, train_cmd
 
 pytestmark = pytest.mark.e2e
@@ -27,13 +23,18 @@ COMMON = ["--config.total_steps=8", "--config.checkpoint_every=3"]
 
 
 @pytest.fixture(scope="module")
-def ref(tiny_dataset, tmp_path_factory) -> dict[int, float]:
-  """Losses of an uninterrupted run, the reference for every resumed one."""
+def ref_run(tiny_dataset, tmp_path_factory):
+  """An uninterrupted run: its workdir and losses (the reference for resumes)."""
   work = tmp_path_factory.mktemp("ref") / "work"
   run_training(tiny_dataset, work, *COMMON)
   losses = logged_losses(work)
   assert sorted(losses) == list(range(1, 9))
-  return losses
+  return work, losses
+
+
+@pytest.fixture(scope="module")
+def ref(ref_run) -> dict[int, float]:
+  return ref_run[1]
 
 
 def _wait_for(proc, path, what):
@@ -74,22 +75,6 @@ def test_sigkill_after_checkpoint_then_resume_matches(tiny_dataset, tmp_path, re
   assert (work / "eval" / "summary.json").exists()
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path):
-  work = tmp_path / "nan"
-  r = run_training(tiny_dataset, work, "--config.total_steps=30",
-                   "--config.checkpoint_every=1", "--config.optimizer.lr=1e30",
-                   "--config.keep_checkpoints=30", check=False)
-  assert r.returncode == 3, r.stderr[-3000:]
-  assert "non-finite loss at step" in r.stderr
-  bad_step = int(r.stderr.split("non-finite loss at step ")[1].split(";")[0])
-  steps = sorted(int(p.name) for p in (work / "checkpoints" / "latest").iterdir()
-                 if p.name.isdigit())
-  assert steps and max(steps) < bad_step
-  # The kept checkpoint still loads.
-  variables, meta = ckpt_lib.load_for_inference(work, "latest")
-  assert "params" in variables and "config" in meta
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_the_step_saves_and_resumes_identically(tiny_dataset, tmp_path,
                                                                 ref, sig):
@@ -119,6 +104,8 @@ def test_signal_finishes_the_step_saves_and_resumes_identically(tiny_dataset, tm
   # The step it stopped at is saved (with the iterator state); no final evaluation.
   assert (work / "checkpoints" / "latest" / str(stopped_at) / "data").is_dir()
   assert not (work / "eval" / "summary.json").exists()
+  if sig != signal.SIGTERM:
+    return  # the same code path: one resume comparison is enough
 
   r = run_training(tiny_dataset, work, *COMMON)
   assert f"resumed from {work}/checkpoints at step {stopped_at}" in r.stdout
@@ -128,29 +115,16 @@ def test_signal_finishes_the_step_saves_and_resumes_identically(tiny_dataset, tm
   assert (work / "eval" / "summary.json").exists()
 
 
-def _non_finite_checkpoints(work) -> list[str]:
-  """The saved checkpoints (latest and best) holding non-finite parameters."""
-  bad = []
-  for which in ("latest", "best"):
-    folder = work / "checkpoints" / which
-    for step in (p for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else ():
-      tree = ocp.StandardCheckpointer().restore((step / "state").absolute())
-      if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree["params"])):
-        bad.append(f"{which}/{step.name}")
-  return bad
-
-
-def test_non_finite_parameters_are_never_saved(tiny_dataset, tmp_path):
-  # lr 1e39: the first update overflows the parameters (a float32 holds
-  # < 3.4e38) while the loss of that step was still finite, so only a check
-  # of the parameters catches it. Validation every step, logging every 10.
-  work = tmp_path / "overflow"
-  r = run_training(tiny_dataset, work, "--config.total_steps=6", "--config.checkpoint_every=1",
-                   "--config.eval_every=1", "--config.log_every=10",
-                   "--config.data.val_fraction=0.5", "--config.optimizer.lr=1e39",
-                   "--config.keep_checkpoints=10", check=False)
-  assert r.returncode == 3, r.stderr[-3000:]
-  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and "Traceback" not in r.stderr
-  assert "non-finite parameters at step 1" in errors[0]
-  assert _non_finite_checkpoints(work) == []
+def test_resume_with_a_changed_config_is_refused_before_writing(ref_run, tiny_dataset):
+  work, _ = ref_run
+  before = (work / "config.json").read_bytes()
+  r = run_training(tiny_dataset, work, *COMMON, "--config.seed=5",
+                   "--config.optimizer.lr=0.5", check=False)
+  assert r.returncode == 1
+  lines = r.stderr.strip().splitlines()
+  assert lines[-1].startswith(f"error: {work}/config.json: this workdir was trained with "
+                              "another config")
+  assert "seed (was 0, now 5)" in lines[-1] and "optimizer.lr" in lines[-1]
+  assert "Traceback" not in r.stderr
+  assert (work / "config.json").read_bytes() == before
+  assert not (work / ".lock").exists()

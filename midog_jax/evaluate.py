@@ -316,9 +316,10 @@ def _tiff_spacing_um(path: Path) -> float | None:
   from midog_jax.data import tiff_meta  # pylint: disable=g-import-not-at-top
   try:
     with tifffile.TiffFile(path) as tif:
-      return tiff_meta.spacing_from_tags(tif)
+      spacing = tiff_meta.spacing_from_tags(tif)
   except (OSError, ValueError, tifffile.TiffFileError) as e:
     raise DataError(path, f"cannot read TIFF resolution tags ({e})") from None
+  return tiff_meta.check_plausible(spacing, path)
 
 
 def with_image_spacing(cases: Sequence[midog.Case]) -> list[midog.Case]:

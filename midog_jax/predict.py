@@ -48,10 +48,10 @@ from typing import Sequence
 
 import numpy as np
 
-from midog_jax import ensemble, export
+from midog_jax import ensemble, export, signals
 from midog_jax.data import slides as slides_lib
+from midog_jax.data import tiff_meta
 from midog_jax.detections import Detections
-from midog_jax import signals
 from midog_jax.errors import DataError, Stopped
 from midog_jax.fileio import read_json, write_json_atomic
 
@@ -230,7 +230,7 @@ def _spacing(slide: slides_lib.Slide, override: float | None) -> float:
   if slide.spacing_um is None:
     raise DataError(slide.path, "no pixel spacing: the TIFF has no usable "
                     "resolution tags; pass --spacing_um (microns per pixel)")
-  return float(slide.spacing_um)
+  return float(tiff_meta.check_plausible(slide.spacing_um, slide.path))
 
 
 # ----------------------------------------------------------------------------

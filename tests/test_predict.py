@@ -58,7 +58,11 @@ def images(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
   notags = d / "notags.tif"
   tifffile.imwrite(notags, slides_lib.Slide(good / "001.tiff").read_all(),
                    photometric="rgb")
-  return dict(folder=good, first=good / "001.tiff", notags=notags)
+  # Same pixels, a 72 dpi placeholder (352.8 um/px) in the tags.
+  dpi72 = d / "dpi72.tif"
+  tifffile.imwrite(dpi72, slides_lib.Slide(good / "001.tiff").read_all(),
+                   photometric="rgb", resolution=(72, 72), resolutionunit="INCH")
+  return dict(folder=good, first=good / "001.tiff", notags=notags, dpi72=dpi72)
 
 
 def _points(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -132,6 +136,11 @@ def test_spacing_override_and_missing_tags(workdir, images, tmp_path, capsys):
   assert "error" in res["notags"] and "no pixel spacing" in res["notags"]["error"]
   assert f"{images['notags']}: no pixel spacing" in err and "--spacing_um" in err
   assert not list(out.glob("notags*"))
+  # A placeholder resolution is refused, not turned into millimetres 1,500x too large.
+  placeholder = predict.predict_images(workdir, [images["dpi72"]], out, threshold=0.0)
+  assert "352.8 um/px" in placeholder["dpi72"]["error"]
+  assert "--spacing_um" in placeholder["dpi72"]["error"]
+  assert not list(out.glob("dpi72*"))
 
   over = tmp_path / "override"
   res2 = predict.predict_images(workdir, [images["first"], images["notags"]], over,

@@ -46,7 +46,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from midog_jax.data import midog, sampling, slides
+from midog_jax.data import midog, sampling, slides, tiff_meta
 from midog_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class MidogPatches(tfds.core.GeneratorBasedBuilder):
       with slides.Slide(c.path) as slide:
         slides.check_size(slide, c.width, c.height, annotations)
         # The TIFF's resolution tags win over the scanner's nominal spacing.
-        spacing = slide.spacing_um or c.spacing_um
+        spacing = tiff_meta.check_plausible(slide.spacing_um, c.path) or c.spacing_um
         for y0 in slides.grid_origins(c.height, size, stride):
           for x0 in slides.grid_origins(c.width, size, stride):
             x0, y0 = int(x0), int(y0)

@@ -7,9 +7,17 @@ a placeholder: a wrong spacing silently wrecks every distance in microns (the
 
 from __future__ import annotations
 
+import os
 import re
 
 import tifffile
+
+from midog_jax.errors import DataError
+
+# Microns per pixel of a microscope scan: 0.23-0.5 for the MIDOG scanners at
+# 40x/20x; a value outside this range is a placeholder (72 dpi is 352.8 um/px),
+# and using it would make every millimetre and the matching radius wrong.
+PLAUSIBLE_UM = (0.1, 2.0)
 
 # Microns per ResolutionUnit. 4 and 5 are tifffile's (non-baseline) extensions.
 _UM_PER_UNIT = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
@@ -42,3 +50,12 @@ def spacing_from_tags(tif: tifffile.TiffFile | tifffile.TiffPage) -> float | Non
     if found and float(found.group(1)) > 0:
       return float(found.group(1))
   return None
+
+
+def check_plausible(spacing_um: float | None, path: str | os.PathLike) -> float | None:
+  """``spacing_um`` when None or plausible (``PLAUSIBLE_UM``), else a ``DataError``."""
+  if spacing_um is None or PLAUSIBLE_UM[0] <= spacing_um <= PLAUSIBLE_UM[1]:
+    return spacing_um
+  raise DataError(path, f"the resolution tags give {spacing_um:.4g} um/px, outside the "
+                  f"{PLAUSIBLE_UM[0]}-{PLAUSIBLE_UM[1]} um/px of a microscope scan (a "
+                  "placeholder such as 72 dpi?); pass --spacing_um (microns per pixel)")

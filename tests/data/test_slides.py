@@ -338,3 +338,12 @@ def test_argument_checks(tmp_path, image):
     slide.read(0, 0, -1, 4)
   assert slide.read(3, 3, 0, 0).shape == (0, 0, 3)
   assert slide.read(3, 3, 5, 0, pad="reflect").shape == (0, 5, 3)
+
+
+def test_implausible_spacing_is_refused_by_name():
+  from midog_jax.data import tiff_meta
+  assert tiff_meta.check_plausible(None, "a.tif") is None
+  assert tiff_meta.check_plausible(0.25, "a.tif") == 0.25
+  for bad in (25400 / 72, 0.05, 3.0):
+    with pytest.raises(DataError, match=r"^a\.tif: the resolution tags give .* --spacing_um"):
+      tiff_meta.check_plausible(bad, "a.tif")

@@ -247,3 +247,26 @@ def test_blue_ratio_bad_truth_file(tiny_dataset, tmp_path):
   bad.write_text("{not json")
   with pytest.raises(DataError, match="truth.json"):
     blue_ratio.evaluate(tiny_dataset, truth=bad)
+
+
+def test_a_data_set_it_did_not_write_is_never_overwritten(tmp_path):
+  real = tmp_path / "MIDOG"
+  real.mkdir()
+  (real / "MIDOG.json").write_text('{"images": []}')
+  (real / "001.tiff").write_bytes(b"the real pixels")
+  before = {p.name: p.read_bytes() for p in real.iterdir()}
+  r = subprocess.run([sys.executable, "-m", "midog_jax.data.synthetic", "--out", str(real),
+                      "--preset", "tiny", "--ids", "1"], capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 1
+  assert r.stderr.strip() == (f"error: {real}: holds a data set this generator did not "
+                              "write (001.tiff, MIDOG.json); refusing to overwrite it: "
+                              "choose another --out, or pass --force")
+  assert {p.name: p.read_bytes() for p in real.iterdir()} == before
+  # Its own data set it may rewrite, and --force overrides the refusal.
+  own = tmp_path / "own"
+  synthetic.generate(own, preset="tiny", ids=[1], workers=1)
+  synthetic.generate(own, preset="tiny", ids=[1], workers=1)
+  synthetic.generate(real, preset="tiny", ids=[1], workers=1, force=True)
+  assert (real / "001.tiff").read_bytes() != before["001.tiff"]
+  assert not (own / synthetic.write.WRITING).exists()

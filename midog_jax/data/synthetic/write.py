@@ -166,9 +166,27 @@ def _render_one(args: tuple[str, Plan]) -> tuple[int, float]:
   return plan.image_id, time.perf_counter() - t0
 
 
+# Present while a data set is being written: with the manifest, what marks a
+# folder as this generator's to overwrite.
+WRITING = ".synthetic_writing"
+
+
+def _refuse_foreign(out: Path) -> None:
+  """Raises ``DataError`` when ``out`` holds a data set this generator did not write."""
+  if not out.is_dir() or (out / MANIFEST).exists() or (out / WRITING).exists():
+    return
+  foreign = sorted(p.name for p in out.iterdir()
+                   if p.name in ("MIDOG.json", "MIDOG++.json")
+                   or p.suffix.lower() in (".tif", ".tiff"))
+  if foreign:
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    raise DataError(out, f"holds a data set this generator did not write ({shown}); "
+                    "refusing to overwrite it: choose another --out, or pass --force")
+
+
 def generate(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
              workers: int | None = None, ids: Sequence[int] | None = None,
-             limit: int | None = None, scale: float = 1.0) -> Path:
+             limit: int | None = None, scale: float = 1.0, force: bool = False) -> Path:
   """Writes a synthetic MIDOG 2021-format data set; returns its MIDOG.json.
 
   Args:
@@ -181,6 +199,8 @@ def generate(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
       order (so a subset still spans all scanners).
     scale: shrinks the midog21 image sizes and annotation positions (a
       testing knob; physical cell sizes are unchanged). 1.0 for real use.
+    force: write even into a folder holding a data set this generator did
+      not write (a real release, say); refused by default.
   """
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
@@ -196,7 +216,10 @@ def generate(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
       raise DataError(source, f"not a MIDOG annotation file ({e!r})") from None
   chosen = _select(preset_ids(preset, real), ids, limit, preset)
   out = Path(out_dir)
+  if not force:
+    _refuse_foreign(out)
   out.mkdir(parents=True, exist_ok=True)
+  (out / WRITING).touch()
   # An old manifest would vouch for a half-rewritten folder: drop it first.
   (out / MANIFEST).unlink(missing_ok=True)
   plans = [plan_image(preset, seed, i, real, scale) for i in chosen]
@@ -222,6 +245,7 @@ def generate(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
                                "n_images": len(plans), "ids": chosen,
                                "scale": scale,
                                "generator_version": GENERATOR_VERSION})
+  (out / WRITING).unlink(missing_ok=True)
   return out / "MIDOG.json"
 
 
@@ -248,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="first N images, round-robin over the domains")
   ap.add_argument("--scale", type=float, default=1.0,
                   help="midog21 only: shrink sizes/positions (testing)")
+  ap.add_argument("--force", action="store_true",
+                  help="write even into a folder holding a data set this generator "
+                  "did not write")
   a = ap.parse_args(argv)
   ids = None
   if a.ids:
@@ -257,8 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       ap.error(f"--ids must be comma-separated integers, got {a.ids!r}")
   t0 = time.perf_counter()
   try:
-    path = generate(a.out, a.preset, a.seed, a.workers, ids, a.limit, a.scale)
-  except (DataError, ValueError) as e:
+    path = generate(a.out, a.preset, a.seed, a.workers, ids, a.limit, a.scale,
+                    force=a.force)
+  except DataError as e:  # bad input data or a folder it must not touch
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except ValueError as e:  # bad arguments
     print(f"error: {e}", file=sys.stderr)
     return 2
   man = read_manifest(path.parent)

@@ -32,6 +32,7 @@ import numpy as np
 import tifffile
 import zarr
 
+from midog_jax.data import tiff_meta
 from midog_jax.data.tiff_meta import spacing_from_tags  # noqa: F401 (part of this API)
 from midog_jax.errors import DataError
 
@@ -175,8 +176,10 @@ class Slide:
 
   The constructor opens the file and validates its layout (raising DataError
   early); handles are dropped by :meth:`close` or pickling and reopened on the
-  next read. Attributes ``path``, ``width``, ``height`` and ``spacing_um``
-  (microns per pixel from the resolution tags, or None) need no open handle.
+  next read. Attributes ``path``, ``width``, ``height``, ``spacing_um``
+  (microns per pixel from the resolution tags, or None) and ``page_index``
+  (the page read: the largest, i.e. the full-resolution level of a pyramid or
+  of a file with a thumbnail first) need no open handle.
   """
 
   def __init__(self, path: str | os.PathLike):
@@ -204,9 +207,10 @@ class Slide:
     except Exception as e:  # tifffile raises many types for garbage headers
       raise DataError(self.path, f"not a readable TIFF file ({type(e).__name__}: {e})") from e
     try:
-      page = tif.pages.first
+      page = tiff_meta.full_resolution_page(tif)
       if page is None or not page.shape or page.imagewidth < 1 or page.imagelength < 1:
         raise DataError(self.path, "TIFF file holds no image")
+      self.page_index = int(page.index)
       return tif, page
     except DataError:
       tif.close()
@@ -319,7 +323,7 @@ class Slide:
 
   def __repr__(self) -> str:
     return (f"Slide({self.path!r}, {self.width}x{self.height}, "
-            f"spacing_um={self.spacing_um})")
+            f"spacing_um={self.spacing_um}, page={self.page_index})")
 
   @property
   def shape(self) -> tuple[int, int, int]:

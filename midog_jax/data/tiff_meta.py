@@ -1,4 +1,4 @@
-"""TIFF metadata: the pixel spacing (microns per pixel) of an image.
+"""TIFF metadata: which page holds the image, and its pixel spacing (microns per pixel).
 
 Read from the resolution tags (or an Aperio description), never guessed from
 a placeholder: a wrong spacing silently wrecks every distance in microns (the
@@ -25,7 +25,7 @@ _APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)")
 
 
 def spacing_from_tags(tif: tifffile.TiffFile | tifffile.TiffPage) -> float | None:
-  """Pixel spacing in microns from a TIFF's first page, or None if unknown.
+  """Pixel spacing in microns from a TIFF's image page, or None if unknown.
 
   Uses ``XResolution`` (pixels per unit, a rational) with ``ResolutionUnit``
   INCH (25,400 um) or CENTIMETER (10,000 um); tifffile's MILLIMETER and
@@ -36,7 +36,7 @@ def spacing_from_tags(tif: tifffile.TiffFile | tifffile.TiffPage) -> float | Non
   distance in microns. Falls back to the ``MPP = x`` field of an Aperio
   ImageDescription. Only the X resolution is used (pixels are assumed square).
   """
-  page = tif.pages.first if isinstance(tif, tifffile.TiffFile) else tif
+  page = full_resolution_page(tif) if isinstance(tif, tifffile.TiffFile) else tif
   tags = page.tags
   xres, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
   if xres is not None and unit is not None and int(unit.value) in _UM_PER_UNIT:
@@ -59,3 +59,24 @@ def check_plausible(spacing_um: float | None, path: str | os.PathLike) -> float 
   raise DataError(path, f"the resolution tags give {spacing_um:.4g} um/px, outside the "
                   f"{PLAUSIBLE_UM[0]}-{PLAUSIBLE_UM[1]} um/px of a microscope scan (a "
                   "placeholder such as 72 dpi?); pass --spacing_um (microns per pixel)")
+
+
+# Pages looked at for the full-resolution image (a pyramid, a thumbnail,
+# label and macro images); a TIFF with more pages is a stack, read at page 0.
+_MAX_PAGES = 64
+
+
+def full_resolution_page(tif: tifffile.TiffFile) -> tifffile.TiffPage | None:
+  """The largest page: the full-resolution level of a pyramid or a TIFF with
+  a thumbnail first (whole-slide formats such as Aperio SVS), never the
+  thumbnail. The first of equally large pages wins."""
+  pages = tif.pages
+  if len(pages) <= 1 or len(pages) > _MAX_PAGES:
+    return pages.first
+  best, best_area = None, -1
+  for page in pages:
+    page = page.aspage() if hasattr(page, "aspage") else page
+    area = int(page.imagewidth) * int(page.imagelength)
+    if area > best_area:
+      best, best_area = page, area
+  return best

@@ -347,3 +347,23 @@ def test_implausible_spacing_is_refused_by_name():
   for bad in (25400 / 72, 0.05, 3.0):
     with pytest.raises(DataError, match=r"^a\.tif: the resolution tags give .* --spacing_um"):
       tiff_meta.check_plausible(bad, "a.tif")
+
+
+def test_full_resolution_page_not_the_thumbnail(tmp_path, image):
+  # A thumbnail first (as some whole-slide formats store it), then the image.
+  path = tmp_path / "thumb_first.tif"
+  with tifffile.TiffWriter(path) as w:
+    w.write(image[::8, ::8].copy(), photometric="rgb")
+    w.write(image, photometric="rgb", tile=(128, 128), resolution=(40000, 40000),
+            resolutionunit="CENTIMETER")
+  slide = Slide(path)
+  assert (slide.width, slide.height) == (image.shape[1], image.shape[0])
+  assert slide.page_index == 1 and "page=1" in repr(slide)
+  assert slide.spacing_um == pytest.approx(0.25)
+  np.testing.assert_array_equal(slide.read(0, 0, 64, 48), image[:48, :64])
+  # A pyramid written the other way round (full level first) reads page 0.
+  pyr = tmp_path / "pyramid.tif"
+  with tifffile.TiffWriter(pyr) as w:
+    w.write(image, photometric="rgb", tile=(128, 128))
+    w.write(image[::2, ::2].copy(), photometric="rgb", tile=(128, 128))
+  assert Slide(pyr).page_index == 0

@@ -18,6 +18,7 @@ Resume order: the workdir's latest checkpoint, else
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,27 @@ class Checkpoints:
         self.best.delete(s)
 
   def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
-    """Restores state and (in place) the iterator; returns (state, meta)."""
-    step = self.latest.latest_step()
-    r = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter),
-        meta=ocp.args.JsonRestore()))
-    return r["state"], dict(r["meta"])
+    """Restores state and (in place) the iterator; returns (state, meta).
+
+    A step that cannot be restored (truncated or corrupt arrays, a missing
+    manifest, garbled iterator or meta JSON, an empty step folder) is
+    reported in one line and the next older one is tried, so one bad folder
+    never blocks every resume. Raises ``DataError`` when none restores.
+    """
+    root = self.latest.directory
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        r = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+            meta=ocp.args.JsonRestore()))
+        return r["state"], dict(r["meta"])
+      except Exception as e:  # orbax, tensorstore and json raise many types
+        if jax.process_index() == 0:
+          print(f"warning: {root}/{step}: cannot restore this checkpoint ({_first_line(e)}); "
+                "trying the one before", file=sys.stderr, flush=True)
+    raise DataError(root, "no checkpoint here can be restored (see the warnings above); "
+                    "move the folder away to start again")
 
   def best_meta(self) -> dict | None:
     step = self.best.latest_step()
@@ -100,6 +115,11 @@ class Checkpoints:
   def close(self):
     self.latest.close()
     self.best.close()
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
 def _jsonable(obj):
@@ -136,8 +156,12 @@ def load_for_inference(workdir: str | os.PathLike, which: str = "best"
     # is the new best even when its step is lower (a resumed run): the most
     # recently written wins.
     step = max(steps, key=lambda st: ((d / str(st)).stat().st_mtime_ns, st))
-    r = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    try:
+      r = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax, tensorstore and json raise many types
+      raise DataError(d / str(step), f"cannot restore this checkpoint "
+                      f"({_first_line(e)})") from None
     state = r["state"]
     variables = {"params": state["params"]}
     if state.get("batch_stats"):

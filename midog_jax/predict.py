@@ -53,7 +53,7 @@ from midog_jax.data import slides as slides_lib
 from midog_jax.data import tiff_meta
 from midog_jax.detections import Detections
 from midog_jax.errors import DataError, Stopped
-from midog_jax.fileio import read_json, write_json_atomic
+from midog_jax.fileio import atomic_path, read_json, write_json_atomic
 
 FORMATS = ("json", "geojson", "csv")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -196,32 +196,28 @@ def write_outputs(dets: Detections, spacing_um: float, paths: dict[str, Path],
                   slide: slides_lib.Slide | None = None) -> None:
   """Writes every requested output of one image; all or none of them.
 
-  Each file is written atomically; if a later one fails, the earlier ones of
-  this image are removed again so a failed image leaves nothing behind.
+  Every file is first written under a temporary name beside its target; only
+  when all of them are complete are they renamed into place. A failure (or a
+  signal) before that leaves no new file and every earlier output of this
+  image, say from a previous run, untouched.
   """
-  done = []
-  try:
+  with contextlib.ExitStack() as staged:
     for kind, path in paths.items():
+      tmp = staged.enter_context(atomic_path(path))  # renamed when the stack closes
       if kind == "json":
-        write_json_atomic(export.to_challenge_json(dets, spacing_um), path)
+        write_json_atomic(export.to_challenge_json(dets, spacing_um), tmp)
       elif kind == "geojson":
-        write_json_atomic(export.to_geojson(dets), path)
+        write_json_atomic(export.to_geojson(dets), tmp)
       elif kind == "csv":
-        export.to_csv(dets, path, spacing_um)
+        export.to_csv(dets, tmp, spacing_um)
       elif kind == "png":
         # No truth on new images: every mitotic detection is drawn (in the
         # "unmatched" colour); the circle is the 7.5 um matching radius.
         none = np.zeros((0, 2), np.float32)
-        export.overlay_png(slide.read_all(), dets, none, none, path,
+        export.overlay_png(slide.read_all(), dets, none, none, tmp,
                            match_radius_px=7.5 / spacing_um)
       else:
         raise ValueError(f"unknown output kind {kind!r}")
-      done.append(path)
-  except BaseException:
-    for path in done:
-      with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    raise
 
 
 def _spacing(slide: slides_lib.Slide, override: float | None) -> float:

@@ -350,3 +350,51 @@ def test_a_kill_inside_save_best_leaves_the_new_best_readable(tmp_path, ckpts):
   variables, meta = ckpt_lib.load_for_inference(tmp_path, "best")
   assert meta == dict(f1=0.9)
   _assert_same_tree(variables["params"], _state(seed=6.0)["params"])
+
+
+def _damage(step_dir: Path, how: str) -> None:
+  if how == "arrays":      # truncated array data
+    for f in (step_dir / "state").rglob("*"):
+      if f.is_file() and f.stat().st_size > 64 and "metadata" not in f.name:
+        f.write_bytes(f.read_bytes()[:16])
+  elif how == "meta":      # garbled meta JSON
+    for f in (step_dir / "meta").rglob("*"):
+      if f.is_file():
+        f.write_text("{not json")
+  elif how == "iterator":  # garbled data-iterator state
+    for f in (step_dir / "data").rglob("*.json"):
+      f.write_text("{not json")
+
+
+@pytest.mark.parametrize("how", ["arrays", "meta", "iterator"])
+def test_a_damaged_latest_step_falls_back_to_the_one_before(tmp_path, how, capsys):
+  c = ckpt_lib.Checkpoints(tmp_path, keep=3)
+  it = _iterator()
+  c.save(10, _state(seed=10.0, step=10), it, dict(at=10))
+  next(it)
+  c.save(20, _state(seed=20.0, step=20), it, dict(at=20))
+  c.close()
+  _damage(tmp_path / "checkpoints" / "latest" / "20", how)
+  again = ckpt_lib.Checkpoints(tmp_path, keep=3)
+  state, meta = again.restore_latest(_state(), _iterator())
+  again.close()
+  assert meta == dict(at=10)
+  _assert_same_tree(state["params"], _state(seed=10.0)["params"])
+  err = capsys.readouterr().err
+  assert err.count("cannot restore this checkpoint") == 1
+  assert f"{tmp_path / 'checkpoints' / 'latest'}/20: cannot restore" in err
+
+
+def test_no_restorable_step_is_one_error_and_predict_names_the_checkpoint(tmp_path):
+  c = ckpt_lib.Checkpoints(tmp_path, keep=3)
+  c.save(10, _state(seed=10.0, step=10), _iterator(), dict(at=10))
+  c.close()
+  _damage(tmp_path / "checkpoints" / "latest" / "10", "arrays")
+  again = ckpt_lib.Checkpoints(tmp_path, keep=3)
+  with pytest.raises(DataError, match="no checkpoint here can be restored"):
+    again.restore_latest(_state(), _iterator())
+  again.close()
+  with pytest.raises(DataError) as e:
+    ckpt_lib.load_for_inference(tmp_path, "latest")
+  assert e.value.path.endswith("latest/10") and "cannot restore" in str(e.value)
+  assert "\n" not in str(e.value)

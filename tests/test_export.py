@@ -130,3 +130,21 @@ def test_overlay_png_size_and_colours(tmp_path):
   assert scale == pytest.approx(0.5)
   with Image.open(small) as im:
     assert im.size == (150, 100)
+
+
+def test_outputs_of_one_image_are_all_or_nothing(tmp_path):
+  from midog_jax import predict
+  dets = Detections(xy=[[10.0, 20.0]], scores=[0.9])
+  paths = predict.output_paths(tmp_path, "001", ("json", "csv"), overlays=True)
+  (tmp_path / "001.json").write_text("the previous run's output")
+  # The overlay fails (no image to draw on) after the JSON and CSV are done:
+  # nothing new appears and the previous JSON is kept, not deleted.
+  with pytest.raises(AttributeError):
+    predict.write_outputs(dets, 0.25, paths, slide=None)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["001.json"]
+  assert (tmp_path / "001.json").read_text() == "the previous run's output"
+  del paths["png"]
+  predict.write_outputs(dets, 0.25, paths)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["001.csv", "001.json"]
+  assert json.loads((tmp_path / "001.json").read_text())["points"][0]["probability"] == \
+      pytest.approx(0.9)

@@ -19,7 +19,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from midog_jax.data import midog
+from midog_jax.data import midog, slides
 from midog_jax.errors import DataError
 
 TRUTH_NAME = "MIDOG_unlabeled_truth.json"
@@ -32,6 +32,15 @@ class ExperimentData:
   val: list[midog.Case]
   heldout: dict[str, list[midog.Case]]  # evaluation-only sets, by name
   unlabeled: list[midog.Case]           # images without labels (for mining)
+
+  def all_cases(self) -> list[midog.Case]:
+    """Every case the experiment reads, each once."""
+    seen, out = set(), []
+    for c in self.train + self.val + [c for v in self.heldout.values() for c in v] + self.unlabeled:
+      if (c.image_id, str(c.path)) not in seen:
+        seen.add((c.image_id, str(c.path)))
+        out.append(c)
+    return out
 
   @property
   def pool_cases(self) -> list[midog.Case]:
@@ -76,6 +85,8 @@ def load_experiment(dcfg, seed: int = 0) -> ExperimentData:
   """Cases for ``config.data`` (see module docstring)."""
   root = Path(dcfg.root) if dcfg.root else ensure_synthetic(
       dcfg.synthetic_dir, dcfg.synthetic_preset)
+  if not root.is_dir():
+    raise DataError(root, "the data root does not exist (config.data.root)")
   ann = Path(dcfg.annotations) if dcfg.annotations else find_annotations(root)
   ds = midog.load_midog(ann, root, domain_key=dcfg.domain_key or None)
   labeled = ds.labeled
@@ -104,4 +115,18 @@ def load_experiment(dcfg, seed: int = 0) -> ExperimentData:
       heldout["heldout_domain"] = held
   if not train:
     raise DataError(ann, f"split {split!r} leaves no training images")
-  return ExperimentData(ds, train, val, heldout, ds.unlabeled)
+  data = ExperimentData(ds, train, val, heldout, ds.unlabeled)
+  check_images(data.all_cases(), ann)
+  return data
+
+
+def check_images(cases, annotations: Path) -> None:
+  """Every image exists, opens and has the size the annotation file gives.
+
+  Checked up front (headers only), so a missing image does not stop a run
+  hours later when it is first sampled, and an image smaller than its
+  annotations does not train silently on white padding.
+  """
+  for c in cases:
+    with slides.Slide(c.path) as slide:  # DataError naming the file if unusable
+      slides.check_size(slide, c.width, c.height, annotations)

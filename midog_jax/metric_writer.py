@@ -60,6 +60,21 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def example_image(batch) -> np.ndarray:
+  """A few training patches side by side with their labels drawn (TensorBoard)."""
+  imgs = np.asarray(batch["image"][:4]).copy()
+  for k in range(len(imgs)):
+    for (x, y), c, m in zip(batch["points"][k], batch["classes"][k], batch["mask"][k]):
+      if not m:
+        continue
+      colour = (0, 255, 0) if c == 1 else (0, 0, 255)
+      xi, yi = int(round(x)), int(round(y))
+      h, w = imgs[k].shape[:2]
+      imgs[k, max(yi - 1, 0):min(yi + 2, h), max(xi - 12, 0):min(xi + 13, w)] = colour
+      imgs[k, max(yi - 12, 0):min(yi + 13, h), max(xi - 1, 0):min(xi + 2, w)] = colour
+  return np.concatenate(list(imgs), axis=1)
+
+
 class MetricWriter:
   """``clu.metric_writers.MetricWriter``'s methods over metrics.jsonl + TensorBoard."""
 

@@ -80,3 +80,11 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   sharding = data_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is True on any (a stop at one step)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

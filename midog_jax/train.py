@@ -19,7 +19,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from midog_jax import checkpoint as ckpt_lib
@@ -27,7 +26,7 @@ from midog_jax import detectors, evaluation, optim, parallel, signals
 from midog_jax.data import experiment, pipeline
 from midog_jax.errors import DataError, NonFiniteLossError, Stopped
 from midog_jax.fileio import write_json_atomic
-from midog_jax.metric_writer import MetricWriter, Progress, accumulate
+from midog_jax.metric_writer import MetricWriter, Progress, accumulate, example_image
 from midog_jax.workdir import WorkdirLock, check_resume_config
 
 
@@ -60,35 +59,12 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _any_process(flag: bool) -> bool:
-  """True on every process when ``flag`` is True on any (a stop at one step)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-
-
 def variables_of(state) -> dict:
   """The model variables (``params`` and, if any, ``batch_stats``) of a state."""
   v = {"params": state["params"]}
   if state["batch_stats"]:
     v["batch_stats"] = state["batch_stats"]
   return v
-
-
-def _example_image(batch) -> np.ndarray:
-  """A few training patches side by side with their labels drawn (TensorBoard)."""
-  imgs = np.asarray(batch["image"][:4]).copy()
-  for k in range(len(imgs)):
-    for (x, y), c, m in zip(batch["points"][k], batch["classes"][k], batch["mask"][k]):
-      if not m:
-        continue
-      colour = (0, 255, 0) if c == 1 else (0, 0, 255)
-      xi, yi = int(round(x)), int(round(y))
-      h, w = imgs[k].shape[:2]
-      imgs[k, max(yi - 1, 0):min(yi + 2, h), max(xi - 12, 0):min(xi + 13, w)] = colour
-      imgs[k, max(yi - 12, 0):min(yi + 13, h), max(xi - 1, 0):min(xi + 2, w)] = colour
-  return np.concatenate(list(imgs), axis=1)
 
 
 def train_and_evaluate(config, workdir: str, negatives=None, writer=None) -> dict:
@@ -228,11 +204,11 @@ def _train_and_evaluate(config, workdir: Path, negatives, writer) -> dict:
       if config.debug_step_sleep:
         time.sleep(config.debug_step_sleep)  # lets tests interrupt a run mid-way
       if step == start + 1:
-        writer.write_images(step, {"train/examples": _example_image(batch)})
+        writer.write_images(step, {"train/examples": example_image(batch)})
       state, metrics = step_fn(state, parallel.global_batch(batch, mesh))
       pending.append(metrics)
       last = step == config.total_steps
-      stopping = _any_process(stop.requested)
+      stopping = parallel.any_process(stop.requested)
       evaluate_now = (step % config.eval_every == 0 or last) and not stopping
       save_now = step % config.checkpoint_every == 0 or last or stopping
       if step % config.log_every == 0 or evaluate_now or save_now:

@@ -67,3 +67,30 @@ def exit_code(fn: Callable[[], object]) -> int:
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr, flush=True)
     return 130
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every problem as one line and exit 2 (usage).
+
+  For ``app.run(main, flags_parser=parse_flags)``: an unknown config key
+  (``--config.total_step=8``: ml_collections says which key was meant), a
+  value of the wrong type, a missing config file, a bad config argument.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      # A config file that failed to load only raises when first used.
+      getattr(flags.FLAGS.config, "keys")
+    return rest
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    if os.environ.get("MIDOG_TRACEBACK"):
+      raise
+    raw = str(e)
+    if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"":  # a repr'd message
+      raw = raw[1:-1].replace("\\n", "\n").replace("\\'", "'")
+    lines = [l.strip() for l in raw.splitlines() if l.strip()]
+    # A config file's own error comes wrapped with its traceback: its last line says it.
+    text = lines[-1] if any(l.startswith("Traceback") for l in lines) else " ".join(lines)
+    print(f"error: bad command line: {text}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -217,3 +217,21 @@ def test_bare_word_for_a_valued_key_and_blank_items():
   with pytest.raises(ValueError, match="needs a value"):
     common.parse_arg("imposters", imposters="background")
   assert common.parse_arg("quick, ", quick=False).quick is True
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--config=configs/retina.py:tiny", "--config.total_step=8"],
+     "'total_step' Did you mean \"total_steps\""),
+    (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+    (["--config=configs/retina.py:tiny", "--config.total_steps=abc"],
+     "invalid literal for int()"),
+    (["--config=configs/retina.py:quick,foo"], "unknown config argument 'foo'"),
+])
+def test_bad_command_lines_are_one_line_and_exit_2(args, says, tmp_path):
+  from support import run_module
+  r = run_module("midog_jax.main", *args, f"--workdir={tmp_path / 'w'}", check=False)
+  assert r.returncode == 2
+  lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and lines[0].startswith("error: bad command line: ")
+  assert says in lines[0] and "Traceback" not in r.stderr
+  assert not (tmp_path / "w").exists()  # nothing written

@@ -22,4 +22,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "directory for the rounds and mining.json")
   flags.DEFINE_integer("rounds", 3, "at most this many training rounds")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from midog_jax import errors
+
+  app.run(main, flags_parser=errors.parse_flags)

@@ -351,15 +351,27 @@ def load_prediction_dir(outdir: str | os.PathLike, cases: Sequence[midog.Case],
   outdir = Path(outdir)
   if not outdir.is_dir():
     raise DataError(outdir, "prediction folder not found")
+  labeled = [c for c in cases if c.labeled]
+  by_stem: dict[str, list[midog.Case]] = {}
+  for c in labeled:
+    by_stem.setdefault(c.stem, []).append(c)
+  for stem, same in by_stem.items():
+    if len(same) > 1:  # one OUTDIR/<stem>.json cannot hold the predictions of both
+      raise DataError(outdir, f"{same[0].path} and {same[1].path} share the name {stem!r}, "
+                      f"so one prediction file {stem}.json would be scored for both; "
+                      "evaluate them from separate folders")
   preds, missing = {}, []
-  for c in cases:
-    if not c.labeled:
-      continue
+  for c in labeled:
     f = outdir / f"{c.stem}.json"
     if not f.exists():
       missing.append(f.name)
       continue
     xy, probs, names = from_challenge_json(f)
+    extent_mm = np.array([c.width, c.height]) * c.spacing_um / 1000.0
+    if len(xy) and (xy.max(axis=0) > 1.05 * extent_mm).any():
+      print(f"warning: {f}: points beyond the image's {extent_mm[0]:.2f} x "
+            f"{extent_mm[1]:.2f} mm; are they in pixels? The format wants millimetres",
+            file=sys.stderr, flush=True)
     mitotic = np.array([n == CHALLENGE_NAMES[MITOSIS] for n in names],
                        bool).reshape(-1)
     preds[c.image_id] = (xy[mitotic], probs[mitotic])

@@ -5,6 +5,7 @@ Unless said otherwise cases have 0.25 um/px, so the 7.5 um radius is 30 px.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -371,3 +372,29 @@ def test_extra_truth_for_midog21_unlabeled_ids(tmp_path):
   ds = evaluate.midog.attach_truth(evaluate.midog.load_midog(ann),
                                    tmp_path / "truth.json")
   assert ds.by_id(151).labeled and len(ds.by_id(151).mitoses) == 1
+
+
+def test_same_stem_in_two_folders_is_refused_and_pixels_are_flagged(tmp_path, capsys):
+  preds = tmp_path / "preds"
+  preds.mkdir()
+  a = _case(image_id=1)
+  b = dataclasses.replace(_case(image_id=2), file_name="other/001.tiff",
+                          path=Path("/nonexistent/other/001.tiff"))
+  assert a.stem == b.stem == "001"
+  write_json_atomic(export.to_challenge_json(Detections(xy=[[100, 100]], scores=[0.9]),
+                                             0.25), preds / "001.json")
+  with pytest.raises(DataError, match=r"share the name '001'"):
+    evaluate.load_prediction_dir(preds, [a, b])
+  # Pixel coordinates written where millimetres belong: a warning names the file.
+  (preds / "001.json").write_text(json.dumps({
+      "type": "Multiple points", "version": {"major": 1, "minor": 0},
+      "points": [{"point": [800.0, 640.0, 0], "probability": 0.9,
+                  "name": "mitotic figure"}]}))
+  evaluate.load_prediction_dir(preds, [a])
+  err = capsys.readouterr().err
+  assert f"warning: {preds / '001.json'}: points beyond the image's" in err
+  # Millimetres inside the image: no warning.
+  write_json_atomic(export.to_challenge_json(Detections(xy=[[100, 100]], scores=[0.9]),
+                                             0.25), preds / "001.json")
+  evaluate.load_prediction_dir(preds, [a])
+  assert "warning" not in capsys.readouterr().err

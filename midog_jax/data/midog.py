@@ -146,6 +146,16 @@ def midog21_scanner(image_id: int) -> tuple[str, float]:
   raise KeyError(image_id)
 
 
+def _is_int(v) -> bool:
+  """An int, not a bool (``True`` is an int to Python, not an id or a size)."""
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  """A finite int or float, not a bool."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
 def _read_json(path: Path) -> dict:
   data = read_json(path, "annotation file")
   if not isinstance(data, dict):
@@ -257,9 +267,12 @@ def load_midog(annotations: str | os.PathLike, root: str | os.PathLike | None = 
     for key in ("id", "file_name", "width", "height"):
       if key not in im:
         raise DataError(annotations, f"image entry {im!r} is missing key {key!r}")
+    if not _is_int(im["id"]):
+      raise DataError(annotations, f"image entry {im.get('file_name')!r}: id must be an "
+                      f"integer, got {im['id']!r}")
     if im["id"] in images:
       raise DataError(annotations, f"duplicate image id {im['id']}")
-    if not (isinstance(im["width"], int) and isinstance(im["height"], int)
+    if not (_is_int(im["width"]) and _is_int(im["height"])
             and im["width"] > 0 and im["height"] > 0):
       raise DataError(annotations, f"image {im['id']}: bad size "
                       f"{im['width']!r}x{im['height']!r}")
@@ -273,15 +286,18 @@ def load_midog(annotations: str | os.PathLike, root: str | os.PathLike | None = 
       if key not in a:
         raise DataError(annotations, f"annotation {a.get('id', '?')} is missing "
                         f"key {key!r}")
+    if not _is_int(a["image_id"]):
+      raise DataError(annotations, f"annotation {a.get('id', '?')}: image_id must be an "
+                      f"integer, got {a['image_id']!r}")
     if a["image_id"] not in images:
       raise DataError(annotations, f"annotation {a.get('id', '?')} refers to "
                       f"unknown image id {a['image_id']}")
-    if a["category_id"] not in (MITOSIS, IMPOSTER):
+    if not _is_int(a["category_id"]) or a["category_id"] not in (MITOSIS, IMPOSTER):
       raise DataError(annotations, f"annotation {a.get('id', '?')}: unknown "
                       f"category id {a['category_id']!r}")
     box = a["bbox"]
     if (not isinstance(box, (list, tuple)) or len(box) != 4
-        or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in box)):
+        or not all(_is_number(v) for v in box)):
       raise DataError(annotations, f"annotation {a.get('id', '?')}: bbox must be "
                       f"four finite numbers [x1, y1, x2, y2], got {box!r}")
     x1, y1, x2, y2 = (float(v) for v in box)

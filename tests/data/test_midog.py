@@ -112,6 +112,14 @@ def _minimal():
     (lambda d: d["annotations"][0].update(image_id=9), "unknown image id 9"),
     (lambda d: d["images"][0].update(file_name="../../etc/passwd"), "escapes the data root"),
     (lambda d: d["images"][0].update(file_name="/etc/passwd"), "escapes the data root"),
+    # Types: Python counts True as an int, JSON ids may be strings or lists.
+    (lambda d: d["images"][0].update(id="1"), "id must be an integer, got '1'"),
+    (lambda d: d["images"][0].update(id=[1]), "id must be an integer, got [1]"),
+    (lambda d: d["images"][0].update(id=True), "id must be an integer, got True"),
+    (lambda d: d["images"][0].update(width=True), "bad size True"),
+    (lambda d: d["annotations"][0].update(image_id="1"), "image_id must be an integer"),
+    (lambda d: d["annotations"][0].update(category_id=True), "unknown category id True"),
+    (lambda d: d["annotations"][0].update(bbox=[True, True, True, True]), "bbox must be four"),
 ])
 def test_bad_annotation_files(tmp_path, mutate, message):
   data = _minimal()

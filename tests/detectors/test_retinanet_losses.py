@@ -168,3 +168,27 @@ def test_shape_mismatch_is_reported():
   with pytest.raises(ValueError, match="box_loss"):
     L.retinanet_loss(jnp.zeros((1, 6, 1)), jnp.zeros((1, 6, 4)), ANCHORS,
                      GT[:1], CLASSES[:1], MASK[:1], box_loss="iou")
+
+
+def test_giou_differs_from_iou_when_the_hull_exceeds_the_union():
+  # pred [0,0,2,2] and target [3,0,5,2]: IoU 0, union 8, hull [0,0,5,2] = 10,
+  # GIoU = 0 - (10 - 8) / 10 = -0.2, loss 1.2 (a 1 - IoU loss would say 1.0).
+  # A diagonal pair [0,0,2,2] and [1,1,3,3]: overlap 1, union 7, hull 9,
+  # GIoU = 1/7 - 2/9 (1 - IoU would say 6/7).
+  pred = jnp.array([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0]])
+  target = jnp.array([[3.0, 0.0, 5.0, 2.0], [1.0, 1.0, 3.0, 3.0]])
+  got = np.asarray(L.giou_loss(pred, target))
+  np.testing.assert_allclose(got, [1.2, 1 - (1 / 7 - 2 / 9)], rtol=1e-5)
+
+
+def test_anchor_matching_thresholds_are_torchvisions():
+  # One ground-truth box and anchors with IoU exactly 0.5, just under, 0.4,
+  # just under 0.4: foreground at >= 0.5, background below 0.4, ignored between.
+  gt = jnp.array([[0.0, 0.0, 10.0, 10.0]])
+  anchors = jnp.array([[0.0, 0.0, 10.0, 5.0],     # IoU 0.5   -> FG
+                       [0.0, 0.0, 10.0, 4.9],     # IoU 0.49  -> ignored
+                       [0.0, 0.0, 10.0, 4.0],     # IoU 0.4   -> ignored
+                       [0.0, 0.0, 10.0, 3.9],     # IoU 0.39  -> BG
+                       [0.0, 0.0, 10.0, 10.0]])   # IoU 1     -> FG
+  _, labels = A.match_anchors(anchors, gt, jnp.array([True]), allow_low_quality=False)
+  assert np.asarray(labels).tolist() == [A.FG, A.IGNORE, A.IGNORE, A.BG, A.FG]

@@ -46,12 +46,23 @@ def tiny_dataset(tmp_path_factory) -> Path:
   return out
 
 
-def pytest_collection_modifyitems(config, items):
-  """End-to-end runs first (a stable sort: files and groups stay together).
+# The longest test files (measured), started first.
+LONGEST_FIRST = ("test_train_parallel.py", "test_train_resume.py", "test_installed_demo.py",
+                 "test_train_guards.py")
 
-  With two xdist workers the long runs then start at once and the many short
-  tests fill in around them, instead of one long run starting last while the
-  other worker idles.
+
+def pytest_collection_modifyitems(config, items):
+  """The longest files first, then the other end-to-end runs, then the rest.
+
+  A stable sort (files stay together). With two xdist workers the long runs
+  then start at once and the many short tests fill in around them, instead of
+  one long run starting last while the other worker idles.
   """
   del config
-  items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+  def key(item):
+    name = item.path.name
+    first = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    return first, item.get_closest_marker("e2e") is None
+
+  items.sort(key=key)

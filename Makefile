@@ -18,7 +18,7 @@ install: $(STAMP)
 
 # Two workers; each test file runs whole on one worker (its module fixtures,
 # such as a trained workdir, are built once), in collection order: conftest.py
-# puts the end-to-end runs first so the long ones start at once.
+# puts the longest files, then the end-to-end runs, first so the long ones start at once.
 # (pytest-xdist's xdist_group does nothing under pytest 9: it renames
 # item._nodeid, which pytest 9 no longer reads.)
 XDIST := -n 2 --dist loadscope --no-loadscope-reorder

@@ -49,7 +49,7 @@ import numpy as np
 
 from midog_jax import detectors, infer, parallel  # noqa: E402
 from midog_jax.detectors import interface  # noqa: E402
-from midog_jax.configs import retina as retina_config  # noqa: E402
+from midog_jax import config_files  # noqa: E402
 from midog_jax.data import slides, synthetic  # noqa: E402
 
 
@@ -215,7 +215,7 @@ def main(argv=None) -> None:
   if args.xla_defaults:
     infer.CPU_COMPILER_OPTIONS = {}
 
-  cfg = retina_config.get_config("quick" if args.quick else None)
+  cfg = config_files.get_config("retina", "quick" if args.quick else None)
   if args.backbone:
     cfg.model.backbone = args.backbone
   path = ensure_image(Path(args.data))

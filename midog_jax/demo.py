@@ -41,10 +41,9 @@ def main(argv=None) -> int:
   print(f"blue-ratio baseline (Kondo's candidate step): F1 {br['f1']:.3f} "
         f"(precision {br['precision']:.3f}, recall {br['recall']:.3f})", flush=True)
 
-  from midog_jax import train
-  from midog_jax.configs import retina
+  from midog_jax import config_files, train
   # The tiny preset is a smoke run: test-sized data and the test-sized model.
-  config = retina.get_config("quick,tiny" if args.preset == "tiny" else "quick")
+  config = config_files.get_config("retina", "quick,tiny" if args.preset == "tiny" else "quick")
   config.data.root = str(data_dir)
   if args.steps:
     config.total_steps = args.steps

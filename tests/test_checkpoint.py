@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from midog_jax import checkpoint as ckpt_lib
 from midog_jax import optim
-from midog_jax.configs import common
+from configs import common
 from midog_jax.data import pipeline
 from midog_jax.errors import DataError
 

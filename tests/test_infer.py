@@ -21,7 +21,7 @@ import pytest
 import tifffile
 
 from midog_jax import detectors, infer
-from midog_jax.configs import retina as retina_config
+from configs import retina as retina_config
 from midog_jax.data import slides, synthetic
 from support import REPO, cpu_env
 
@@ -266,7 +266,7 @@ _DEVICE_SCRIPT = """
 import sys
 import jax, numpy as np
 from midog_jax import detectors, infer, parallel
-from midog_jax.configs import retina
+from configs import retina
 image, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 assert jax.device_count() == n, jax.devices()
 cfg = retina.get_config("tiny")

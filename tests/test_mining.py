@@ -150,7 +150,7 @@ def test_score_negatives_scores_centred_patches_in_pool_order(ink_case):
 
 
 def _retina_config(data_root, **mining_cfg):
-  from midog_jax.configs import retina
+  from configs import retina
   c = retina.get_config("tiny")
   c.data.root = str(data_root)
   c.data.strategy = "balanced"
@@ -202,7 +202,7 @@ def test_round_zero_trains_on_the_mined_pool(tiny_dataset, tmp_path):
 def test_rounds_drop_the_easy_negatives_and_fine_tune(tiny_dataset, tmp_path):
   from midog_jax import checkpoint as ckpt_lib
   from midog_jax import detectors
-  from midog_jax.configs import p4_resnet
+  from configs import p4_resnet
   from midog_jax.mining import rounds as rounds_lib
   c = p4_resnet.get_config("tiny")
   c.data.root = str(tiny_dataset)

@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from midog_jax import optim
-from midog_jax.configs import common
+from configs import common
 
 
 def _cfg(name="sgd", lr=0.1, **kw):

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from midog_jax.configs import common
+from configs import common
 
 
 def model_config(plan: str = "full", width: int = 16) -> ml_collections.ConfigDict:

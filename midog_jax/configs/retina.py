@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from midog_jax.configs import common
+from configs import common
 
 
 def model_config() -> ml_collections.ConfigDict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from midog_jax.configs import common
+from configs import common
 from midog_jax.data import experiment
 from midog_jax.errors import DataError
 

@@ -35,7 +35,7 @@ import pytest
 import tifffile
 
 from midog_jax import infer
-from midog_jax.configs import p4_resnet
+from configs import p4_resnet
 from midog_jax.data import slides as slides_lib
 from midog_jax.detections import IMPOSTER, MITOSIS
 from midog_jax.detectors import interface

@@ -132,6 +132,29 @@ def _jsonable(obj):
   return obj
 
 
+def saved_steps(folder: str | os.PathLike) -> list[int]:
+  """The steps saved in an orbax folder (``checkpoints/latest`` or ``best``), sorted.
+
+  Unfinished saves (orbax's temporary folders) have no plain number as name.
+  """
+  folder = Path(folder)
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) \
+      if folder.is_dir() else []
+
+
+def newest_step(folder: str | os.PathLike) -> int | None:
+  """The most recently written step of ``folder`` (None when it holds none).
+
+  Two bests exist only after a kill inside ``save_best``, and then the newer
+  one is the new best even when its step is lower (a resumed run).
+  """
+  folder = Path(folder)
+  steps = saved_steps(folder)
+  if not steps:
+    return None
+  return max(steps, key=lambda st: ((folder / str(st)).stat().st_mtime_ns, st))
+
+
 def load_for_inference(workdir: str | os.PathLike, which: str = "best"
                        ) -> tuple[dict, dict]:
   """Variables (params, batch_stats) and meta of a trained workdir.
@@ -149,13 +172,9 @@ def load_for_inference(workdir: str | os.PathLike, which: str = "best"
         item_handlers=dict(state=ocp.StandardCheckpointHandler(),
                            meta=ocp.JsonCheckpointHandler()),
         options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = mngr.all_steps()
-    if not steps:
+    step = newest_step(d)
+    if step is None:
       continue
-    # Two bests exist only after a kill inside save_best, where the newer one
-    # is the new best even when its step is lower (a resumed run): the most
-    # recently written wins.
-    step = max(steps, key=lambda st: ((d / str(st)).stat().st_mtime_ns, st))
     try:
       r = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))

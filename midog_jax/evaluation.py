@@ -24,7 +24,6 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from midog_jax import evaluate as eval_lib
 from midog_jax import export, infer, parallel
@@ -75,18 +74,14 @@ def detect_cases(detector, variables: dict, cases, config) -> dict[int, Detectio
   return {c.image_id: tiler.detect(slides_lib.open_slide(c.path)) for c in cases}
 
 
-def mitotic_points(dets: dict[int, Detections]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-  """``{image_id: (xy, scores)}`` of the mitotic-class detections (what is scored)."""
-  return {k: (d.mitotic().xy, d.mitotic().scores) for k, d in dets.items()}
-
-
 def validate(detector, variables: dict, cases, config) -> dict:
   """The F1-best threshold on the validation images and the scores at it."""
   if config.eval.max_val_images:
     cases = cases[:config.eval.max_val_images]
   dets = detect_cases(detector, variables, cases, config)
-  t, _, _ = eval_lib.threshold_sweep(cases, mitotic_points(dets))
-  at = eval_lib.evaluate_points(cases, mitotic_points(dets), threshold=t)
+  # Detections are scored as the evaluator scores them: mitotic points only.
+  t, _, _ = eval_lib.threshold_sweep(cases, dets)
+  at = eval_lib.evaluate_points(cases, dets, threshold=t)
   return dict(threshold=float(t), f1=float(at["f1"]), precision=float(at["precision"]),
               recall=float(at["recall"]))
 
@@ -154,7 +149,7 @@ def write_eval(workdir: Path, name: str, cases, dets: dict[int, Detections],
                threshold: float, overlays: int) -> dict:
   """``eval/<name>/``: ``metrics.json``, ``predictions/<stem>.json``, overlays."""
   out = Path(workdir) / "eval" / name
-  result = eval_lib.evaluate_points(cases, mitotic_points(dets), threshold=threshold)
+  result = eval_lib.evaluate_points(cases, dets, threshold=threshold)
   result["threshold"] = threshold
   for c in cases:
     write_json_atomic(export.to_challenge_json(dets[c.image_id].above(threshold),

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from midog_jax.errors import DataError
 
@@ -70,13 +70,6 @@ def write_json_atomic(obj, path: str | os.PathLike, indent: int | None = 1) -> P
   text = json.dumps(obj, indent=indent, allow_nan=False)
   with atomic_output(path, "w", encoding="utf-8") as f:
     f.write(text + "\n")
-  return Path(path)
-
-
-def write_with(writer: Callable[[Path], None], path: str | os.PathLike) -> Path:
-  """Runs ``writer(tmp_path)`` and moves the result to ``path`` atomically."""
-  with atomic_path(path) as tmp:
-    writer(tmp)
   return Path(path)
 
 

@@ -87,6 +87,11 @@ class Predictor:
     return self.tiler.detect(slide).above(self.threshold)  # ">=" as in the sweep
 
 
+def _check_threshold(threshold: float) -> None:
+  if not 0.0 <= threshold <= 1.0:  # NaN fails this too
+    raise ValueError(f"--threshold must be a probability in [0, 1], got {threshold}")
+
+
 def load_config(workdir: str | os.PathLike, meta: dict | None = None):
   """The workdir's ``config.json`` as a ConfigDict (else the checkpoint's copy).
 
@@ -132,8 +137,7 @@ def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
     raise DataError(workdir, "workdir not found")
   # Fail on a missing checkpoint before any model is built (that takes a while).
   ckdir = workdir / "checkpoints"
-  if not any((ckdir / n).is_dir() and any(p.name.isdigit() for p in (ckdir / n).iterdir())
-             for n in CHECKPOINTS):
+  if not any(ckpt_lib.saved_steps(ckdir / n) for n in CHECKPOINTS):
     raise DataError(ckdir, "no checkpoint found (train first with midog_jax.main)")
   variables, meta = ckpt_lib.load_for_inference(workdir, checkpoint)
   config = load_config(workdir, meta)
@@ -141,8 +145,7 @@ def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
     if "threshold" not in meta:
       raise DataError(ckdir, "checkpoint meta has no threshold; pass --threshold")
     threshold = float(meta["threshold"])
-  if not 0.0 <= threshold <= 1.0:  # NaN fails this too
-    raise ValueError(f"--threshold must be a probability in [0, 1], got {threshold}")
+  _check_threshold(threshold)  # also a stored one
   detector = detectors.build(config)
   # Candidates below the output threshold would be dropped anyway; a threshold
   # under the training-time candidate cut-off lowers it, or "--threshold 0"
@@ -281,8 +284,8 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
     raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
   if spacing_um is not None and not (spacing_um > 0 and math.isfinite(spacing_um)):
     raise ValueError(f"spacing_um must be a positive number, got {spacing_um}")
-  if threshold is not None and not 0.0 <= threshold <= 1.0:  # before any model loads
-    raise ValueError(f"--threshold must be a probability in [0, 1], got {threshold}")
+  if threshold is not None:
+    _check_threshold(threshold)  # before any model loads
   predictors = [load_predictor(w, threshold, checkpoint) for w in _workdirs(workdir)]
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
 from typing import Any, Mapping
 
 from midog_jax.errors import DataError
+from midog_jax.fileio import read_json
 from midog_jax.metric_writer import flatten
 
 # Keys that may change when a run is resumed: how long it runs, how often it
@@ -30,8 +30,8 @@ RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "checkpoint_every",
 
 def has_checkpoint(workdir: str | os.PathLike) -> bool:
   """True when the workdir holds a saved training step (a resume)."""
-  latest = Path(workdir) / "checkpoints" / "latest"
-  return latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
+  from midog_jax import checkpoint  # pylint: disable=g-import-not-at-top (orbax)
+  return bool(checkpoint.saved_steps(Path(workdir) / "checkpoints" / "latest"))
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -50,11 +50,7 @@ def check_resume_config(workdir: str | os.PathLike, config_json: Mapping[str, An
   path = Path(workdir) / "config.json"
   if not (has_checkpoint(workdir) and path.exists()):
     return
-  try:
-    old = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, ValueError) as e:
-    raise DataError(path, f"unreadable config of the run to resume ({e})") from None
-  diff = config_differences(old, config_json)
+  diff = config_differences(read_json(path, "config of the run to resume"), config_json)
   if diff:
     shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
     raise DataError(path, "this workdir was trained with another config, refusing to "

@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 
-from midog_jax.fileio import atomic_output, atomic_path, write_json_atomic, write_with
+from midog_jax.fileio import atomic_output, atomic_path, write_json_atomic
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
@@ -30,7 +30,8 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
 
 def test_atomic_path_for_writers_that_want_a_file_name(tmp_path):
   target = tmp_path / "sub" / "pool.npz"
-  write_with(lambda p: np.savez(p, x=np.arange(3)), target)
+  with atomic_path(target) as tmp:
+    np.savez(tmp, x=np.arange(3))
   with np.load(target) as z:
     np.testing.assert_array_equal(z["x"], [0, 1, 2])
   # The temp name keeps the suffix (numpy would append ".npz" otherwise and

@@ -299,23 +299,25 @@ def test_frozen_leaves_get_exactly_zero_updates_even_with_weight_decay():
   assert not np.array_equal(m_updates[0]["b"]["c"], np.zeros((2, 2)))
 
 
-def test_trainable_leaves_get_the_same_update_as_without_a_mask():
-  cfg = _cfg("sgd", 0.1, momentum=0.9, weight_decay=0.01)
+def _frozen_and_full_updates(cfg):
+  """Two steps' updates with the ``_MASK`` freeze and without it."""
   frozen_tx, _ = optim.make_optimizer(cfg, 100, trainable=_MASK)
   full_tx, _ = optim.make_optimizer(cfg, 100)
   u_frozen, _ = _run(frozen_tx, _params(), [_grads(0), _grads(1)])
   u_full, _ = _run(full_tx, _params(), [_grads(0), _grads(1)])
+  return u_frozen, u_full
+
+
+def test_trainable_leaves_get_the_same_update_as_without_a_mask():
+  u_frozen, u_full = _frozen_and_full_updates(
+      _cfg("sgd", 0.1, momentum=0.9, weight_decay=0.01))
   for a, b in zip(u_frozen, u_full):
     np.testing.assert_allclose(a["a"], b["a"], rtol=1e-6)
   assert not np.allclose(u_full[0]["b"]["c"], 0.0)
 
 
 def test_adam_frozen_leaves_zero_and_trainable_unchanged():
-  cfg = _cfg("adam", 1e-2, weight_decay=0.1)
-  frozen_tx, _ = optim.make_optimizer(cfg, 100, trainable=_MASK)
-  full_tx, _ = optim.make_optimizer(cfg, 100)
-  u_frozen, _ = _run(frozen_tx, _params(), [_grads(0), _grads(1)])
-  u_full, _ = _run(full_tx, _params(), [_grads(0), _grads(1)])
+  u_frozen, u_full = _frozen_and_full_updates(_cfg("adam", 1e-2, weight_decay=0.1))
   for a, b in zip(u_frozen, u_full):
     np.testing.assert_allclose(a["a"], b["a"], rtol=1e-6)
     assert np.array_equal(a["b"]["c"], np.zeros((2, 2), np.float32))

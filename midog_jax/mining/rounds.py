@@ -12,7 +12,6 @@ and fine-tunes from those weights, until validation F1 stops improving
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 from midog_jax import errors
 from midog_jax.errors import DataError
-from midog_jax.fileio import atomic_output, write_json_atomic
+from midog_jax.fileio import atomic_output, read_json, write_json_atomic
 from midog_jax.mining.negatives import (SOURCES, initial_negative_pool,
                                         stain_mined_negatives)
 from midog_jax.mining.scoring import hard_mask, score_negatives
@@ -54,11 +53,12 @@ def mining_settings(config) -> dict:
 
 def _weights_dir(round_dir: Path) -> Path:
   """The orbax step folder of a round's best (else latest) checkpoint."""
+  from midog_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   for name in ("best", "latest"):
     d = round_dir / "checkpoints" / name
-    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
-    if steps:
-      return d / str(max(steps))
+    step = ckpt_lib.newest_step(d)  # the step load_for_inference reads
+    if step is not None:
+      return d / str(step)
   raise DataError(round_dir / "checkpoints", "no checkpoint found after training")
 
 
@@ -72,7 +72,7 @@ def _val_f1(results: dict, round_dir: Path) -> float | None:
     return float(results["val"]["f1"])
   summary = round_dir / "eval" / "summary.json"
   if summary.exists():
-    best = json.loads(summary.read_text()).get("best", {})
+    best = read_json(summary, "round summary").get("best", {})
     if best.get("f1", -1.0) >= 0:
       return float(best["f1"])
   return None
@@ -176,7 +176,7 @@ def run_rounds(config, workdir: str | os.PathLike, rounds: int, *,
         cfg.init_from = str(_weights_dir(prev))
     done = rdir / "eval" / "summary.json"
     if done.exists():
-      results = json.loads(done.read_text()).get("results", {})
+      results = read_json(done, "round summary").get("results", {})
       log(f"mining: round {k} already trained in {rdir}")
     else:
       results = train_fn(cfg, str(rdir), negatives=pool)

@@ -17,7 +17,10 @@ Resume order: the workdir's latest checkpoint, else
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from midog_jax import errors
 from midog_jax.errors import DataError
 
 
@@ -57,11 +61,12 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, data_iter: Any, meta: dict) -> None:
     """Saves the resume point (blocking, so a kill after it returns is safe)."""
-    self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
-    self.latest.wait_until_finished()
+    with _storage_errors(self.latest.directory, step):
+      self.latest.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iter),
+          meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
+      self.latest.wait_until_finished()
 
   def save_best(self, step: int, state: Any, meta: dict) -> None:
     """Replaces the best checkpoint, never leaving none behind.
@@ -74,10 +79,11 @@ class Checkpoints:
     """
     if step in self.best.all_steps():
       self.best.delete(step)
-    self.best.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
-    self.best.wait_until_finished()
+    with _storage_errors(self.best.directory, step):
+      self.best.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
+      self.best.wait_until_finished()
     for s in self.best.all_steps():
       if s != step:
         self.best.delete(s)
@@ -115,6 +121,44 @@ class Checkpoints:
   def close(self):
     self.latest.close()
     self.best.close()
+
+
+@contextlib.contextmanager
+def _storage_errors(folder: Path, step: int):
+  """Turns a save that the storage refused (disk full, ...) into one DataError.
+
+  Orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames it only when
+  complete, so the checkpoints already saved are untouched; the partial
+  folder is removed so the space it took is given back.
+  """
+  # Orbax's writer threads and asyncio also log the failure, a traceback each.
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+  for log in loggers:
+    log.addFilter(_drop_storage_failures)
+  try:
+    yield
+  except Exception as e:  # orbax and tensorstore wrap OS errors in many types
+    cause = errors.storage_cause(e)
+    if cause is None:
+      raise
+    for tmp in Path(folder).glob(f"{step}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(tmp, ignore_errors=True)
+    errors.quiet_shutdown()
+    kept = saved_steps(folder)
+    raise DataError(folder, (
+        f"cannot save the checkpoint of step {step}: {cause}; "
+        + (f"the checkpoints already saved (steps {', '.join(map(str, kept))}) are intact"
+           if kept else "no earlier checkpoint here"))) from e
+  # Kept on failure: the threads may still be logging while the program exits.
+  for log in loggers:
+    log.removeFilter(_drop_storage_failures)
+
+
+def _drop_storage_failures(record: logging.LogRecord) -> bool:
+  """False for log records about a storage failure (reported once, by us)."""
+  exc = record.exc_info[1] if record.exc_info else None
+  return (errors.storage_cause(Exception(record.getMessage())) is None
+          and (exc is None or errors.storage_cause(exc) is None))
 
 
 def _first_line(e: BaseException) -> str:

@@ -4,11 +4,14 @@ Every CLI ends in :func:`exit_code`: bad input (:class:`DataError`) is ONE
 line naming the file and the problem (exit 1), a non-finite loss is one line
 (exit 3), a run stopped by SIGTERM/SIGINT after saving its work is one line
 saying where it stopped (exit 0), and Ctrl-C outside a protected phase is one
-line (exit 130). Tracebacks only with ``MIDOG_TRACEBACK=1``.
+line (exit 130). An operating-system error while reading or writing (disk
+full, no permission, a read-only file system) is one line naming the path and
+the cause (exit 1). Tracebacks only with ``MIDOG_TRACEBACK=1``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable
@@ -46,6 +49,44 @@ def _line(e: BaseException) -> str:
   return " ".join(str(e).split())
 
 
+# Errors of the storage, not of the program: reported as a cause, not a traceback.
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                   errno.EIO: "input/output error"}
+# How tensorstore (under orbax) reports them: the OS error code inside a message.
+_TENSORSTORE_CODE = "os_error_code='"
+
+
+def storage_cause(e: BaseException) -> str | None:
+  """The storage problem behind ``e`` ("no space left on device", ...), if any.
+
+  Follows the exception chain (orbax wraps tensorstore's errors in others) and
+  reads tensorstore's ``os_error_code`` from messages.
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+      return _STORAGE_ERRNOS[e.errno]
+    text = str(e)
+    if _TENSORSTORE_CODE in text:
+      code = text.split(_TENSORSTORE_CODE, 1)[1].split("'", 1)[0]
+      if code.isdigit() and int(code) in _STORAGE_ERRNOS:
+        return _STORAGE_ERRNOS[int(code)]
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def quiet_shutdown() -> None:
+  """Drops the "Exception ignored" reports of orbax's abandoned writes at exit.
+
+  After a failed save, orbax leaves coroutines that fail again while the
+  interpreter shuts down (hundreds of lines of "Event loop is closed") and
+  would bury the one line that says what went wrong.
+  """
+  sys.unraisablehook = lambda unraisable: None
+
+
 def exit_code(fn: Callable[[], object]) -> int:
   """Runs ``fn`` and turns the project's outcomes into one line and an exit code."""
   try:
@@ -67,6 +108,12 @@ def exit_code(fn: Callable[[], object]) -> int:
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr, flush=True)
     return 130
+  except OSError as e:
+    cause = storage_cause(e)
+    if cause is None or os.environ.get("MIDOG_TRACEBACK"):
+      raise
+    print(f"error: {e.filename or '(unnamed file)'}: {cause}", file=sys.stderr, flush=True)
+    return 1
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -79,6 +126,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     rest = flags.FLAGS(argv)
+    if "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].using_default_value:
+      # Warnings and errors only (absl.app would raise a default to INFO):
+      # orbax logs dozens of INFO lines per save, which bury the program's
+      # own. ``--verbosity=0`` brings them back.
+      flags.FLAGS.verbosity = -1
     if "config" in flags.FLAGS:
       # A config file that failed to load only raises when first used.
       getattr(flags.FLAGS.config, "keys")

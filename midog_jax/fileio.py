@@ -58,6 +58,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     # open() would have (0666 less the umask) before it takes the final name.
     os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    if e.filename is None:
+      # A failed write or flush (disk full) names no file: name the target.
+      raise OSError(e.errno, e.strerror, str(path)) from e
+    raise
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)

@@ -96,8 +96,13 @@ class WorkdirLock:
         who = f"pid {holder[0]} on {holder[1]}" if holder else "an unknown process"
         raise DataError(self.path, f"the workdir is in use by {who}; wait for that run, "
                         "or delete this file if it is gone") from None
-      with os.fdopen(fd, "w") as f:
-        f.write(me + "\n")
+      try:
+        with os.fdopen(fd, "w") as f:
+          f.write(me + "\n")
+      except OSError as e:
+        # A lock without its holder (disk full) would block every later run.
+        self.path.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(self.path)) from e
       self.held = True
       return self
     raise DataError(self.path, "could not take the workdir lock")

@@ -7,6 +7,7 @@ imports ``conftest`` as a module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -75,3 +76,37 @@ def logged_losses(workdir) -> dict[int, float]:
     if "loss" in m:
       out[m["step"]] = m["loss"]
   return out
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str = "64m"):
+  """A real, size-limited file system (tmpfs) mounted at ``path``.
+
+  Disk-full behaviour is tested on a disk that really fills up. Mounting
+  needs root (or CAP_SYS_ADMIN); elsewhere the test is skipped, saying why.
+  """
+  import pytest  # pylint: disable=g-import-not-at-top
+  path.mkdir(parents=True, exist_ok=True)
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                     capture_output=True, text=True)
+  if r.returncode != 0:
+    pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode})")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_disk(folder: Path, leave_bytes: int) -> Path:
+  """Fills ``folder``'s file system up to ``leave_bytes`` free; returns the ballast."""
+  st = os.statvfs(folder)
+  ballast = folder / "ballast"
+  free = st.f_bavail * st.f_frsize
+  with open(ballast, "wb") as f:
+    # tmpfs allocates on write, not on truncate: write real bytes.
+    chunk = b"\0" * (1 << 20)
+    todo = max(free - leave_bytes, 0)
+    while todo > 0:
+      n = f.write(chunk[:min(todo, len(chunk))])
+      todo -= n
+  return ballast

@@ -20,8 +20,11 @@ intensity counted from 1 (``I + 1`` in 1..256) against the white background
 
 The logarithm is natural: Macenko et al. (2009) use log10, which scales
 every OD (and concentration) by 1 / ln 10 but gives the same stain
-*directions*. Macenko's transparency threshold ``MACENKO_BETA`` = 0.15 is an
-OD in this convention (about I <= 219 in every channel).
+*directions*. Their transparency threshold, an OD of 0.15 in log10 units
+(``MACENKO_BETA_LOG10``), is therefore ``MACENKO_BETA = 0.15 * ln 10 ~= 0.345``
+here: a pixel counts as stained when every channel has I <= 180, as in the
+paper. (Popular re-implementations apply 0.15 to natural-log OD, a cut of
+0.065 in the paper's units, I <= 219, which lets pale background in.)
 
 uint8 images take the hot path, a 256-entry lookup table indexed by the image
 (the augmentation converts every training patch; a gather is several times
@@ -36,8 +39,10 @@ from __future__ import annotations
 
 import numpy as np
 
-# Macenko's OD threshold below which a pixel counts as transparent (glass).
-MACENKO_BETA = 0.15
+# Macenko's OD threshold below which a pixel counts as transparent (glass):
+# 0.15 in the paper's log10 units, converted to this module's natural log.
+MACENKO_BETA_LOG10 = 0.15
+MACENKO_BETA = MACENKO_BETA_LOG10 * float(np.log(10.0))
 
 
 def _od(intensity: np.ndarray) -> np.ndarray:

@@ -84,6 +84,55 @@ def test_macenko_orders_h_first_whatever_the_input_order():
   assert m[0, 0] > m[1, 0]  # H absorbs more red than E
 
 
+def test_macenko_transparency_cut_is_the_papers_0_15_in_log10_units():
+  # One convention: natural-log OD, so the paper's log10 cut of 0.15 is
+  # 0.15 * ln 10 here: a grey pixel counts as stained up to I = 180.
+  assert stain.MACENKO_BETA == pytest.approx(0.15 * np.log(10))
+  od = stain.rgb_to_od(np.arange(256, dtype=np.uint8))
+  assert np.flatnonzero(od >= stain.MACENKO_BETA).max() == 180
+  # Pale pixels (I 190-215: stained at the 0.065 cut that 0.15 on natural-log
+  # OD would be, glass at the paper's) far off the H&E plane must not enter
+  # the fit: with them the estimate tilts.
+  rng = np.random.default_rng(3)
+  tissue = _render(_tissue_conc(rng)[:, :150] * 1.6).reshape(-1, 3)
+  pale = rng.integers(190, 216, (len(tissue) // 3, 3)).astype(np.uint8)
+  pale[:, 1] = 215  # greenish-grey: off the plane
+  rgb = np.concatenate([tissue, pale])
+  for beta, fits in ((stain.MACENKO_BETA, True), (0.15, False)):
+    m, _ = stain.macenko(rgb, beta=beta)
+    good = (m[0] @ H_TRUE / np.linalg.norm(H_TRUE) > 0.99 and
+            m[1] @ E_TRUE / np.linalg.norm(E_TRUE) > 0.99)
+    assert good == fits, (beta, m)
+
+
+def test_macenko_alpha_is_the_1st_and_99th_angle_percentile():
+  # Directions in the H&E plane at angles from H towards E: 10 pixels at A
+  # (-0.1 rad) and 10 at B (-0.05) beyond H, 480 at H, mirrored beyond E
+  # (C, D). Of 1,000 angles the 1st percentile falls on B (after the 10 A's,
+  # before any H): alpha = 1 returns B and D's mirror C; alpha 0 would give
+  # A and D, alpha 2 gives H and E. (beta 0: every pixel enters; the cut is
+  # pinned by the test above.)
+  u = H_TRUE / np.linalg.norm(H_TRUE)
+  v = E_TRUE - (E_TRUE @ u) * u
+  v /= np.linalg.norm(v)
+  t_e = np.arctan2(E_TRUE @ v, E_TRUE @ u)
+  angles = {"A": -0.1, "B": -0.05, "H": 0.0, "E": t_e, "C": t_e + 0.05, "D": t_e + 0.1}
+  unit = {k: np.cos(a) * u + np.sin(a) * v for k, a in angles.items()}
+  assert min(x.min() for x in unit.values()) > 0.05  # physical (positive) OD
+  counts = {"A": 10, "B": 10, "H": 480, "E": 480, "C": 10, "D": 10}
+  od = np.concatenate([np.outer(np.linspace(1.5, 2.5, n), unit[k]) for k, n in counts.items()])
+  rgb = stain.od_to_rgb(od)
+
+  def nearest(row):
+    return max(unit, key=lambda k: float(row @ unit[k]))
+
+  for alpha, want in ((1.0, "BC"), (0.0, "AD"), (2.0, "HE")):
+    m, _ = stain.macenko(rgb, beta=0.0, alpha=alpha)
+    assert nearest(m[0]) + nearest(m[1]) == want, alpha
+  m, _ = stain.macenko(rgb, beta=0.0)  # the default is the paper's alpha = 1
+  assert nearest(m[0]) + nearest(m[1]) == "BC"
+
+
 def test_macenko_rejects_blank_image():
   with pytest.raises(ValueError, match="blank"):
     stain.macenko(np.full((32, 32, 3), 250, np.uint8))

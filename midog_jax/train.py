@@ -39,7 +39,7 @@ def train_step(state, batch, *, detector, tx):
       loss_fn, has_aux=True)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   return dict(step=state["step"] + 1, params=params, batch_stats=new_stats,
               opt_state=opt_state), metrics
 

@@ -363,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """CLI; returns 0 (all written), 1 (some images failed) or 2 (usage/workdir)."""
+  """CLI; returns 0 (all written), 1 (a bad workdir, or some images failed), 2 (usage)."""
   parser = _parser()
   try:
     args = parser.parse_args(argv)
@@ -378,7 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              threshold=args.threshold, spacing_um=args.spacing_um,
                              formats=formats, overlays=args.overlays,
                              checkpoint=args.checkpoint)
-  except (DataError, ValueError) as e:
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except ValueError as e:  # bad arguments (formats, threshold)
     print(f"error: {e}", file=sys.stderr)
     return 2
   except Stopped as e:  # not every image was done: not a success

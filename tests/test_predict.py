@@ -181,14 +181,14 @@ def test_default_threshold_comes_from_the_checkpoint(workdir, images, tmp_path):
 
 
 @pytest.mark.e2e
-def test_usage_and_workdir_errors_exit_2(workdir, images, tmp_path, capsys):
+def test_workdir_errors_exit_1_and_usage_errors_exit_2(workdir, images, tmp_path, capsys):
   empty = tmp_path / "empty_workdir"
   empty.mkdir()
   shutil.copy(workdir / "config.json", empty / "config.json")
   args = ["--images", str(images["first"]), "--out", str(tmp_path / "o")]
-  assert predict.main([f"--workdir={empty}", *args]) == 2
+  assert predict.main([f"--workdir={empty}", *args]) == 1  # a data error
   assert "no checkpoint found" in capsys.readouterr().err
-  assert predict.main([f"--workdir={tmp_path / 'nope'}", *args]) == 2
+  assert predict.main([f"--workdir={tmp_path / 'nope'}", *args]) == 1
   assert "workdir not found" in capsys.readouterr().err
   assert predict.main([f"--workdir={workdir}", *args, "--formats", "json,xml"]) == 2
   assert "formats" in capsys.readouterr().err

@@ -73,9 +73,9 @@ def main(argv=None) -> int:
     ds = midog.load_midog(args.annotations, args.images, domain_key=args.domain_key,
                           check_images=args.images is not None)
     s = summarize(ds, check_images=args.images is not None)
-  except DataError as e:
+  except DataError as e:  # a data error: exit 1, as every program
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return 1
   if args.json:
     print(json.dumps(s))
   else:

@@ -163,5 +163,5 @@ def test_summary_cli_reports_bad_file(tmp_path):
   p.write_text("[]")
   r = subprocess.run([sys.executable, "-m", "midog_jax.data.summary",
                       "--annotations", str(p)], capture_output=True, text=True)
-  assert r.returncode == 2
+  assert r.returncode == 1
   assert str(p) in r.stderr and "JSON object" in r.stderr

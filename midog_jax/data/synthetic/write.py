@@ -284,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       ap.error(f"--ids must be comma-separated integers, got {a.ids!r}")
   t0 = time.perf_counter()
   try:
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+      raise DataError(a.out, "--out exists and is not a folder")
     path = generate(a.out, a.preset, a.seed, a.workers, ids, a.limit, a.scale,
                     force=a.force)
   except DataError as e:  # bad input data or a folder it must not touch

@@ -26,6 +26,11 @@ class DataError(ValueError):
     where = self.path if self.path is not None else "<input>"
     super().__init__(f"{where}: {problem}")
 
+  def __reduce__(self):
+    # Pickled with its own arguments, so it crosses process pools intact
+    # (the default would call DataError(message) and fail in the parent).
+    return DataError, (self.path, self.problem)
+
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN/inf loss or parameters; the last good checkpoint is kept."""

@@ -143,3 +143,4 @@ def test_training_that_cannot_write_at_start_says_where(tiny_dataset, tmp_path):
         ": no space left on device"), last
     # No lock file without a holder left behind to block the next run.
     assert not (fs / "run" / ".lock").exists()
+

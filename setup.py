@@ -25,6 +25,8 @@ CORE = [
     "pillow==13.0.0",
     "psutil==7.2.2",
     "safetensors==0.8.0",
+    "optuna==5.0.0",
+    "scikit-learn==1.9.1",
     "protobuf==7.36.2",
 ]
 
@@ -42,5 +44,9 @@ setup(
         "cuda": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
         "tf": ["tensorflow"],
+        # Reading torchvision .pth files (midog_jax.weights) and the parity
+        # tests; never needed to train or predict. torchvision 0.29.1 needs
+        # exactly this torch (it does not import beside 2.13).
+        "torch": ["torch==2.14.1", "torchvision==0.29.1"],
     },
 )

@@ -186,9 +186,13 @@ def detect(source, tile_fn: TileFn, variables, cfg: TileConfig, mesh=None) -> De
       v = valid[k] & (sc[k] >= cfg.score_thresh)
       p = pts[k][v] + np.asarray([tiles.xs[ix] - cfg.context,
                                   tiles.ys[iy] - cfg.context], np.float32)
+      # Inside the image: between the first and the last pixel's centres,
+      # [0, W - 1], a set that every flip and rotation of the image maps
+      # onto itself (so the P4 method's rotation-exact maps stay exact) and
+      # that never gives a negative coordinate.
       own = ((p[:, 0] >= lo_x[ix]) & (p[:, 0] < hi_x[ix]) &
              (p[:, 1] >= lo_y[iy]) & (p[:, 1] < hi_y[iy]) &
-             (p[:, 0] >= 0) & (p[:, 0] < w) & (p[:, 1] >= 0) & (p[:, 1] < h))
+             (p[:, 0] >= 0) & (p[:, 0] <= w - 1) & (p[:, 1] >= 0) & (p[:, 1] <= h - 1))
       all_xy.append(p[own])
       all_s.append(sc[k][v][own])
       all_c.append(cl[k][v][own])

@@ -112,7 +112,7 @@ def load_config(workdir: str | os.PathLike, meta: dict | None = None):
 
 
 def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
-                   checkpoint: str = "best") -> Predictor:
+                   checkpoint: str = "best", exact_rotation: bool = False) -> Predictor:
   """Builds the method of ``workdir`` and loads its weights and threshold.
 
   Args:
@@ -121,6 +121,8 @@ def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
       the checkpoint meta.
     checkpoint: "best" (falls back to "latest" when no best exists) or
       "latest".
+    exact_rotation: the P4 method's stride-1 map (``eval.exact_rotation``):
+      rotation-exact on images of any size, at 4x the compute.
 
   Raises:
     DataError: no workdir, no checkpoint, or no config.
@@ -146,6 +148,11 @@ def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
       raise DataError(ckdir, "checkpoint meta has no threshold; pass --threshold")
     threshold = float(meta["threshold"])
   _check_threshold(threshold)  # also a stored one
+  if exact_rotation:
+    if config.get("method") != "p4":
+      raise ValueError(f"--exact_rotation is for the P4 method; {workdir} holds "
+                       f"{config.get('method')!r}")
+    config.eval.exact_rotation = True
   detector = detectors.build(config)
   # Candidates below the output threshold would be dropped anyway; a threshold
   # under the training-time candidate cut-off lowers it, or "--threshold 0"
@@ -253,7 +260,8 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
                    out: str | os.PathLike, threshold: float | None = None,
                    spacing_um: float | None = None,
                    formats: Sequence[str] = ("json",), overlays: bool = False, *,
-                   checkpoint: str = "best", verbose: bool = True) -> dict[str, dict]:
+                   checkpoint: str = "best", exact_rotation: bool = False,
+                   verbose: bool = True) -> dict[str, dict]:
   """Detects mitotic figures on ``images`` and writes one output set per image.
 
   Args:
@@ -267,6 +275,7 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
     formats: subset of ("json", "geojson", "csv").
     overlays: also write ``<stem>.png`` with the detections drawn.
     checkpoint: "best" (else latest) or "latest".
+    exact_rotation: see :func:`load_predictor`.
     verbose: print one line per image (stdout) and each error (stderr).
 
   Returns:
@@ -286,7 +295,8 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
     raise ValueError(f"spacing_um must be a positive number, got {spacing_um}")
   if threshold is not None:
     _check_threshold(threshold)  # before any model loads
-  predictors = [load_predictor(w, threshold, checkpoint) for w in _workdirs(workdir)]
+  predictors = [load_predictor(w, threshold, checkpoint, exact_rotation)
+                for w in _workdirs(workdir)]
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   if verbose:
@@ -357,6 +367,9 @@ def _parser() -> argparse.ArgumentParser:
                  help=f"comma-separated subset of {','.join(FORMATS)} (default json)")
   p.add_argument("--overlays", action="store_true",
                  help="also write <stem>.png with the detections drawn")
+  p.add_argument("--exact_rotation", "--exact-rotation", action="store_true",
+                 help="P4 method: a stride-1 map, so predictions on a rotated image are the "
+                 "rotated predictions for every image size (4x the compute)")
   p.add_argument("--checkpoint", default="best", choices=CHECKPOINTS,
                  help="best (falls back to latest) or latest")
   return p
@@ -377,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = predict_images(args.workdir, args.images, args.out,
                              threshold=args.threshold, spacing_um=args.spacing_um,
                              formats=formats, overlays=args.overlays,
-                             checkpoint=args.checkpoint)
+                             checkpoint=args.checkpoint,
+                             exact_rotation=args.exact_rotation)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

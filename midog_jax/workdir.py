@@ -25,7 +25,8 @@ from midog_jax.metric_writer import flatten
 # logs, validates and saves, and how it reads data; never what it learns.
 RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints", "num_workers", "debug_step_sleep",
-                  "eval.max_val_images", "eval.write_overlays", "eval.tile_batch")
+                  "eval.max_val_images", "eval.write_overlays", "eval.tile_batch",
+                  "eval.exact_rotation")
 
 
 def has_checkpoint(workdir: str | os.PathLike) -> bool:

@@ -120,4 +120,5 @@ def eval_config() -> ml_collections.ConfigDict:
   e.merge_radius_px = 25.0    # distance suppression across tiles
   e.max_val_images = 0        # 0 = all validation images
   e.write_overlays = True
+  e.exact_rotation = False    # P4: stride-1 map, rotation-exact for any image size (4x cost)
   return e

@@ -22,6 +22,7 @@ region makes a plateau either.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -246,6 +247,73 @@ def test_tiled_detect_equals_whole_image_maxima(tile, overlap):
   np.testing.assert_array_equal(np.sort(got.xy, axis=0), np.sort(ref[keep], axis=0))
 
 
+def _rotated_matches(method, config, image, variables):
+  """(detections on image, rotated back; detections on rot90(image)), sorted."""
+  cfg = infer.TileConfig.from_config(config.eval, context=method.tile_context)
+  cfg = dataclasses.replace(cfg, score_thresh=0.0, merge_radius=0.0, tile_batch=4)
+  tile_fn = method.make_tile_fn(0.0)
+  d = infer.detect(image, tile_fn, variables, cfg)
+  d_r = infer.detect(np.rot90(image), tile_fn, variables, cfg)
+  w = image.shape[1]
+  # np.rot90: pixel (x, y) of the original lands at (y, W - 1 - x).
+  want = np.stack([d.xy[:, 1], (w - 1) - d.xy[:, 0]], axis=1)
+  order = lambda xy: np.lexsort((xy[:, 1], xy[:, 0]))
+  return ((want[order(want)], d.scores[order(want)]),
+          (d_r.xy[order(d_r.xy)], d_r.scores[order(d_r.xy)]))
+
+
+@pytest.mark.parametrize("h,w", [(77, 91), (95, 81), (141, 157)])
+def test_exact_rotation_is_exact_for_any_image_size(h, w):
+  # Odd sides, smaller than a tile (77 x 91) and over several tiles (141 x 157).
+  method, config = _tiny_method(tile_size=128, tile_overlap=24, exact_rotation=True)
+  assert method.tile_context == method.rf // 2 + 2  # RF/2 + r, peak_window 3
+  variables = _random_variables(method, method.rf, 0)
+  (xy, s), (xy_r, s_r) = _rotated_matches(method, config, _noisy_image(h, w, 1), variables)
+  assert len(xy) > 50
+  np.testing.assert_array_equal(xy_r, xy)
+  np.testing.assert_allclose(s_r, s, rtol=1e-5)
+  # Every point lies on the stride-1 half-pixel grid, inside the image.
+  assert np.all(np.abs(xy - np.floor(xy) - 0.5) < 1e-6)
+  assert xy.min() >= 0 and xy[:, 0].max() <= h - 1 and xy[:, 1].max() <= w - 1  # rotated
+
+
+def test_the_stride_2_map_is_not_rotation_exact_on_odd_sizes():
+  # The case the option exists for: an odd-sided image (inside one tile).
+  method, config = _tiny_method(tile_size=128, tile_overlap=24)
+  variables = _random_variables(method, method.rf, 0)
+  (xy, _), (xy_r, _) = _rotated_matches(method, config, _noisy_image(77, 91, 1), variables)
+  assert len(xy) != len(xy_r) or not np.array_equal(xy, xy_r)
+
+
+def test_exact_rotation_tiles_equal_the_whole_image_map():
+  # Stride-1 map by hand: the network on the four one-pixel shifts of the
+  # padded image, interleaved; strict maxima with the same radius in pixels.
+  method, config = _tiny_method(tile_size=48, tile_overlap=16, exact_rotation=True)
+  rf, ctx = method.rf, method.tile_context
+  variables = _random_variables(method, rf, 3)
+  image = _noisy_image(71, 83, 7)  # odd sides; several odd tile origins
+  cfg = infer.TileConfig(tile_size=48, overlap=16, tile_batch=4, merge_radius=0.0,
+                         score_thresh=0.0, context=ctx)
+  got = infer.detect(image, method.make_tile_fn(0.0), variables, cfg)
+  padded = np.pad(image, ((ctx, ctx + 1), (ctx, ctx + 1), (0, 0)), constant_values=255)
+  full = np.full((padded.shape[0] - rf + 1, padded.shape[1] - rf + 1), np.nan, np.float32)
+  for dy in (0, 1):
+    for dx in (0, 1):
+      out = np.asarray(method.model.apply(variables, _norm(padded[None, dy:, dx:])))[0, ..., 0]
+      full[dy::2, dx::2][:out.shape[0], :out.shape[1]] = out[:full[dy::2].shape[0],
+                                                             :full[:, dx::2].shape[1]]
+  assert not np.isnan(full).any()
+  peaks = np.asarray(p4m.local_maxima(jnp.asarray(full[None]), 5))[0]
+  ii, jj = np.nonzero(peaks)
+  ref = np.asarray(p4m.output_to_pixels(jnp.asarray(ii), jnp.asarray(jj), rf, 1)) - ctx
+  inside = ((ref >= 0) & (ref <= np.asarray([83, 71]) - 1)).all(1)
+  ref, ref_s = ref[inside], 1 / (1 + np.exp(-full[ii, jj][inside]))
+  order = lambda xy: np.lexsort((xy[:, 1], xy[:, 0]))
+  assert len(got) == len(ref) > 50
+  np.testing.assert_array_equal(got.xy[order(got.xy)], ref[order(ref)])
+  np.testing.assert_allclose(got.scores[order(got.xy)], ref_s[order(ref)], rtol=1e-4)
+
+
 def test_odd_tiles_are_refused():
   with pytest.raises(ValueError, match="even"):
     _tiny_method(tile_size=49)
@@ -298,19 +366,22 @@ def _read_points(path):
 
 
 @pytest.mark.e2e
-def test_rotation_contract_through_predict(workdir, tiny_dataset, tmp_path):
-  """predict(rot90(image)) == rot90(predict(image)): points (1e-4 mm) and scores."""
-  tissue = slides_lib.Slide(tiny_dataset / "001.tiff").read(100, 60, 210, 168)
+@pytest.mark.parametrize("w,h,flags", [(210, 168, ()), (209, 167, ("--exact_rotation",))],
+                         ids=["even", "odd-exact"])
+def test_rotation_contract_through_predict(workdir, tiny_dataset, tmp_path, w, h, flags):
+  """predict(rot90(image)) == rot90(predict(image)): points (1e-4 mm) and scores.
+
+  Even sides with the stride-2 map; odd sides with ``--exact_rotation``.
+  """
+  tissue = slides_lib.Slide(tiny_dataset / "001.tiff").read(100, 60, w, h)
   noise = np.random.default_rng(0).integers(-3, 4, tissue.shape)
   image = np.clip(tissue.astype(int) + noise, 0, 255).astype(np.uint8)
-  h, w = image.shape[:2]
-  assert h % 2 == 0 and w % 2 == 0
   _write_tiff(tmp_path / "a.tiff", image)
   _write_tiff(tmp_path / "a_rot.tiff", np.rot90(image))
   out = tmp_path / "out"
   r = subprocess.run([sys.executable, "-m", "midog_jax.predict", "--workdir", str(workdir),
                       "--images", str(tmp_path / "a.tiff"), str(tmp_path / "a_rot.tiff"),
-                      "--out", str(out), "--threshold", "0.01"],
+                      "--out", str(out), "--threshold", "0.01", *flags],
                      cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   xy, s = _read_points(out / "a.json")

@@ -35,6 +35,21 @@ even (every tile origin is even, so every tile's map is an exact crop of the
 whole-image map), and overlap >= ``4 * (peak_window // 2) + 4`` so that every
 point a tile owns has its whole local-maximum neighbourhood inside that
 tile's map.
+
+``eval.exact_rotation`` (``predict --exact_rotation``) lifts the size rule: a
+stride-1 map by shift-and-stitch. The network runs on the four crops of each
+tile starting at (dy, dx) in {0, 1}^2 and the four stride-2 maps interleave
+into one whose output ``J`` is centred at ``J + RF/2 - 0.5``: every
+half-integer position, a set that ``rot90`` maps onto itself for ANY image
+size. Each output is a function of its own RF x RF window only (the pool
+pairs are fixed relative to the window's start), so a tile's map is an exact
+crop of the whole-image map whatever the tile origin's parity. The context is
+``RF/2 + r`` (``r = 2 * (peak_window // 2)``, the local-maximum radius in
+stride-1 outputs), so that at each image border at least ``r`` outputs
+centred outside the image (on the white padding) take part in the maxima as
+neighbours, on both sides alike; ``infer`` keeps only points inside the image,
+``0 <= x <= W - 1``, a set symmetric under every rotation. Peaks use the
+same radius in pixels as the stride-2 map. Cost: 4x the network's compute.
 """
 
 from __future__ import annotations
@@ -103,6 +118,10 @@ class P4Detector:
     window = int(m.peak_window)
     if window < 1 or window % 2 == 0:
       raise ValueError(f"model.peak_window must be odd and positive, got {window}")
+    self.exact_rotation = bool(config.eval.get("exact_rotation", False))
+    if self.exact_rotation:
+      # Stride-1 maps: r outputs beyond each image border (module docstring).
+      self.tile_context = self.rf // 2 + 2 * (window // 2)
     self._check_tiling(config.eval, window)
 
   def _check_tiling(self, e, window: int) -> None:
@@ -182,10 +201,25 @@ class P4Detector:
     """
     window, topk, rf = int(self.cfg.peak_window), int(self.cfg.topk), self.rf
     thresh = float(score_thresh)
+    stride = 1 if self.exact_rotation else pr.STRIDE
+    if self.exact_rotation:
+      window = 4 * (window // 2) + 1  # the same radius in pixels at stride 1
+
+    def dense_logits(variables, tiles):
+      if not self.exact_rotation:
+        return self._apply(variables, tiles, train=False)[0][..., 0]
+      n = tiles.shape[1] - 1  # every phase crop has the same size
+      phases = [self._apply(variables, tiles[:, dy:dy + n, dx:dx + n], train=False)[0][..., 0]
+                for dy in (0, 1) for dx in (0, 1)]
+      b, mh, mw = phases[0].shape
+      # (dy, dx, B, mh, mw) -> (B, mh, dy, mw, dx): output (i, j) of phase
+      # (dy, dx) is stitched output (2i + dy, 2j + dx).
+      grid = jnp.stack(phases).reshape(2, 2, b, mh, mw)
+      return grid.transpose(2, 3, 0, 4, 1).reshape(b, 2 * mh, 2 * mw)
 
     @jax.jit
     def tile_fn(variables, tiles):
-      logit = self._apply(variables, tiles, train=False)[0][..., 0]
+      logit = dense_logits(variables, tiles)
       b, oh, ow = logit.shape
       prob = jax.nn.sigmoid(logit)
       cand = local_maxima(logit, window) & (prob >= thresh)
@@ -195,7 +229,7 @@ class P4Detector:
       _, idx = jax.lax.top_k(key, k)
       valid = jnp.take_along_axis(cand.reshape(b, -1), idx, axis=1)
       scores = jnp.take_along_axis(prob.reshape(b, -1), idx, axis=1)
-      pts = output_to_pixels(idx // ow, idx % ow, rf)
+      pts = output_to_pixels(idx // ow, idx % ow, rf, stride)
       classes = jnp.full((b, k), MITOSIS, jnp.int32)
       return pts, jnp.where(valid, scores, 0.0), classes, valid
 

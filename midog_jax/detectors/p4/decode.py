@@ -11,10 +11,14 @@ import jax.numpy as jnp
 from midog_jax.models import p4_resnet as pr
 
 
-def output_to_pixels(rows: jax.Array, cols: jax.Array, rf: int) -> jax.Array:
-  """Output-map indices -> (..., 2) float32 (x, y) in the input's pixel-index coords."""
+def output_to_pixels(rows: jax.Array, cols: jax.Array, rf: int,
+                     stride: int = pr.STRIDE) -> jax.Array:
+  """Output-map indices -> (..., 2) float32 (x, y) in the input's pixel-index coords.
+
+  ``stride`` 2 for the network's own map, 1 for the shift-and-stitch map.
+  """
   off = rf / 2 - 0.5
-  return jnp.stack([pr.STRIDE * cols + off, pr.STRIDE * rows + off],
+  return jnp.stack([stride * cols + off, stride * rows + off],
                    axis=-1).astype(jnp.float32)
 
 

@@ -7,7 +7,7 @@ the weights) and prints one JSON object per measurement::
 
   python benchmarks/inference.py [--data data/bench_midog21] [--tile_size 512]
       [--tile_batch 8] [--backbone resnet50] [--repeats 1] [--xla_defaults]
-      [--quick]
+      [--quick] [--tta]
 
 ``--tile_size`` and ``--tile_batch`` take comma-separated lists (one line per
 combination). ``--quick`` uses the small ``quick`` model (a smoke run).
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from midog_jax import detectors, infer, parallel  # noqa: E402
+from midog_jax import detectors, infer, parallel, tta  # noqa: E402
 from midog_jax.detectors import interface  # noqa: E402
 from midog_jax import config_files  # noqa: E402
 from midog_jax.data import slides, synthetic  # noqa: E402
@@ -116,7 +116,7 @@ def _read_seconds_per_tile(path: Path, tcfg: infer.TileConfig, n: int) -> float:
 
 def measure(path: Path, method, variables, cfg, tile_size: int,
             tile_batch: int, mesh, repeats: int, breakdown: bool,
-            matmul_before: float) -> dict:
+            matmul_before: float, use_tta: bool = False) -> dict:
   tcfg = infer.TileConfig(tile_size=tile_size, overlap=cfg.eval.tile_overlap,
                           tile_batch=tile_batch, merge_radius=cfg.eval.merge_radius_px,
                           score_thresh=cfg.eval.score_thresh)
@@ -127,6 +127,8 @@ def measure(path: Path, method, variables, cfg, tile_size: int,
                          sharding)
   t0 = time.perf_counter()
   flops_per_tile = _flops(run.lower(variables, batch).compile()) / tile_batch
+  if use_tta:  # eight views, each tiled like the image
+    flops_per_tile *= len(tta.D4)
   jax.block_until_ready(run(variables, batch))  # compiles the program detect() runs
   compile_s = time.perf_counter() - t0
 
@@ -139,7 +141,7 @@ def measure(path: Path, method, variables, cfg, tile_size: int,
   cpu_s = []
   for _ in range(repeats):
     t0, c0 = time.perf_counter(), time.process_time()
-    det = infer.detect(path, tile_fn, variables, tcfg, mesh)
+    det = (tta.detect if use_tta else infer.detect)(path, tile_fn, variables, tcfg, mesh)
     times.append(time.perf_counter() - t0)
     cpu_s.append(time.process_time() - c0)
     n_det = len(det)
@@ -150,7 +152,7 @@ def measure(path: Path, method, variables, cfg, tile_size: int,
   sec = min(times)
   achieved = flops_per_tile * tiles / sec / 1e9
   out = dict(
-      benchmark="inference", backbone=cfg.model.backbone,
+      benchmark="inference", backbone=cfg.model.backbone, tta=use_tta,
       image_size=[width, height], tile_size=tile_size, overlap=tcfg.overlap,
       tile_batch=tile_batch, tiles=tiles, batches=-(-tiles // tile_batch),
       seconds_per_image=round(sec, 3), all_seconds=[round(t, 3) for t in times],
@@ -211,6 +213,8 @@ def main(argv=None) -> None:
                  "(YNNPACK convolutions) instead of infer.CPU_COMPILER_OPTIONS")
   p.add_argument("--quick", action="store_true",
                  help="the small 'quick' model (smoke run)")
+  p.add_argument("--tta", action="store_true",
+                 help="D4 test-time augmentation (midog_jax.tta): eight views per image")
   args = p.parse_args(argv)
   if args.xla_defaults:
     infer.CPU_COMPILER_OPTIONS = {}
@@ -229,7 +233,8 @@ def main(argv=None) -> None:
   for tile_size in _ints(args.tile_size) or [cfg.eval.tile_size]:
     for tile_batch in _ints(args.tile_batch) or [cfg.eval.tile_batch]:
       print(json.dumps(measure(path, method, variables, cfg, tile_size, tile_batch,
-                               mesh, args.repeats, args.breakdown, matmul_before)),
+                               mesh, args.repeats, args.breakdown, matmul_before,
+                               args.tta)),
             flush=True)
 
 

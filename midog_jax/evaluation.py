@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 
 from midog_jax import evaluate as eval_lib
-from midog_jax import export, infer, parallel
+from midog_jax import export, infer, parallel, tta
 from midog_jax.data import slides as slides_lib
 from midog_jax.detections import Detections
 from midog_jax.fileio import write_json_atomic
@@ -40,9 +40,12 @@ class Tiler:
   tile_fn: Any
   variables: Any
   mesh: Any
+  tta: bool = False  # D4 test-time augmentation (``tta.py``; 8x the cost)
 
   def detect(self, source) -> Detections:
     """Candidates of one whole image (``source``: a slide, path or array)."""
+    if self.tta:
+      return tta.detect(source, self.tile_fn, self.variables, self.tile_cfg, self.mesh)
     return infer.detect(source, self.tile_fn, self.variables, self.tile_cfg, self.mesh)
 
 
@@ -57,6 +60,10 @@ def make_tiler(detector, variables: dict, config, *, score_thresh: float | None 
   the device count (tiles are sharded over the devices).
   """
   import jax  # pylint: disable=g-import-not-at-top
+  if hasattr(detector, "make_tiler"):
+    # A method whose whole images are not tiled (kondo_da: the image's
+    # candidates, then their patches): its own object with ``detect``.
+    return detector.make_tiler(variables, config, score_thresh=score_thresh, mesh=mesh)
   mesh = mesh if mesh is not None else parallel.local_mesh()
   cfg = infer.TileConfig.from_config(config.eval, context=detector.tile_context)
   n_dev = mesh.devices.size
@@ -65,7 +72,8 @@ def make_tiler(detector, variables: dict, config, *, score_thresh: float | None 
   cfg = dataclasses.replace(cfg, score_thresh=thresh,
                             tile_batch=-(-cfg.tile_batch // n_dev) * n_dev)
   variables = jax.device_put(parallel.to_host(variables), parallel.replicated(mesh))
-  return Tiler(cfg, detector.make_tile_fn(thresh), variables, mesh)
+  return Tiler(cfg, detector.make_tile_fn(thresh), variables, mesh,
+               tta=bool(config.eval.get("tta", False)))
 
 
 def detect_cases(detector, variables: dict, cases, config) -> dict[int, Detections]:
@@ -82,8 +90,10 @@ def validate(detector, variables: dict, cases, config) -> dict:
   # Detections are scored as the evaluator scores them: mitotic points only.
   t, _, _ = eval_lib.threshold_sweep(cases, dets)
   at = eval_lib.evaluate_points(cases, dets, threshold=t)
+  extra = getattr(detector, "extra_validation", None)  # more scalars (kondo_da's candidate F1)
   return dict(threshold=float(t), f1=float(at["f1"]), precision=float(at["precision"]),
-              recall=float(at["recall"]))
+              recall=float(at["recall"]),
+              **(extra(variables, cases, config) if extra else {}))
 
 
 @dataclasses.dataclass

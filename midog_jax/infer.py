@@ -147,7 +147,8 @@ def detect(source, tile_fn: TileFn, variables, cfg: TileConfig, mesh=None) -> De
   """Detections on one whole image.
 
   Args:
-    source: a ``slides.Slide``, a path, or an (H, W, 3) uint8 array.
+    source: a ``slides.Slide`` (or an object with its ``width``, ``height``
+      and ``read``), a path, or an (H, W, 3) uint8 array.
     tile_fn: jitted per-tile detector (see ``TileFn``); it receives the
       variables and uint8 tiles and does its own normalisation.
     variables: the model's weights, passed to every ``tile_fn`` call
@@ -166,7 +167,8 @@ def detect(source, tile_fn: TileFn, variables, cfg: TileConfig, mesh=None) -> De
       out[ys - y:ye - y, xs - x:xe - x] = arr[ys:ye, xs:xe]
       return out
   else:
-    slide = source if isinstance(source, slides_lib.Slide) else slides_lib.Slide(source)
+    # A slide, or anything read like one (``tta.View``); else a path.
+    slide = source if hasattr(source, "read") else slides_lib.Slide(source)
     w, h, read = slide.width, slide.height, slide.read
   mesh = mesh if mesh is not None else parallel.local_mesh()
   n_dev = mesh.devices.size

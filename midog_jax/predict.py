@@ -112,7 +112,8 @@ def load_config(workdir: str | os.PathLike, meta: dict | None = None):
 
 
 def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
-                   checkpoint: str = "best", exact_rotation: bool = False) -> Predictor:
+                   checkpoint: str = "best", exact_rotation: bool = False,
+                   tta: bool = False) -> Predictor:
   """Builds the method of ``workdir`` and loads its weights and threshold.
 
   Args:
@@ -123,6 +124,7 @@ def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
       "latest".
     exact_rotation: the P4 method's stride-1 map (``eval.exact_rotation``):
       rotation-exact on images of any size, at 4x the compute.
+    tta: D4 test-time augmentation (``eval.tta``, ``midog_jax.tta``), 8x.
 
   Raises:
     DataError: no workdir, no checkpoint, or no config.
@@ -153,6 +155,8 @@ def load_predictor(workdir: str | os.PathLike, threshold: float | None = None,
       raise ValueError(f"--exact_rotation is for the P4 method; {workdir} holds "
                        f"{config.get('method')!r}")
     config.eval.exact_rotation = True
+  if tta:
+    config.eval.tta = True
   detector = detectors.build(config)
   # Candidates below the output threshold would be dropped anyway; a threshold
   # under the training-time candidate cut-off lowers it, or "--threshold 0"
@@ -261,7 +265,7 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
                    spacing_um: float | None = None,
                    formats: Sequence[str] = ("json",), overlays: bool = False, *,
                    checkpoint: str = "best", exact_rotation: bool = False,
-                   verbose: bool = True) -> dict[str, dict]:
+                   tta: bool = False, verbose: bool = True) -> dict[str, dict]:
   """Detects mitotic figures on ``images`` and writes one output set per image.
 
   Args:
@@ -275,7 +279,7 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
     formats: subset of ("json", "geojson", "csv").
     overlays: also write ``<stem>.png`` with the detections drawn.
     checkpoint: "best" (else latest) or "latest".
-    exact_rotation: see :func:`load_predictor`.
+    exact_rotation, tta: see :func:`load_predictor`.
     verbose: print one line per image (stdout) and each error (stderr).
 
   Returns:
@@ -295,7 +299,7 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
     raise ValueError(f"spacing_um must be a positive number, got {spacing_um}")
   if threshold is not None:
     _check_threshold(threshold)  # before any model loads
-  predictors = [load_predictor(w, threshold, checkpoint, exact_rotation)
+  predictors = [load_predictor(w, threshold, checkpoint, exact_rotation, tta)
                 for w in _workdirs(workdir)]
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
@@ -370,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--exact_rotation", "--exact-rotation", action="store_true",
                  help="P4 method: a stride-1 map, so predictions on a rotated image are the "
                  "rotated predictions for every image size (4x the compute)")
+  p.add_argument("--tta", action="store_true",
+                 help="D4 test-time augmentation: the 8 flips/rotations of each image, "
+                 "detections merged back, scores averaged (8x the compute)")
   p.add_argument("--checkpoint", default="best", choices=CHECKPOINTS,
                  help="best (falls back to latest) or latest")
   return p
@@ -391,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              threshold=args.threshold, spacing_um=args.spacing_um,
                              formats=formats, overlays=args.overlays,
                              checkpoint=args.checkpoint,
-                             exact_rotation=args.exact_rotation)
+                             exact_rotation=args.exact_rotation, tta=args.tta)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -26,7 +26,7 @@ from midog_jax.metric_writer import flatten
 RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints", "num_workers", "debug_step_sleep",
                   "eval.max_val_images", "eval.write_overlays", "eval.tile_batch",
-                  "eval.exact_rotation")
+                  "eval.exact_rotation", "eval.tta")
 
 
 def has_checkpoint(workdir: str | os.PathLike) -> bool:

@@ -265,3 +265,23 @@ def test_workdir_lists_and_comma_separated_values():
   args = predict._parser().parse_args(["--workdir", "a", "--workdir", "b,c", "--images",
                                        "x.tif", "--out", "o"])
   assert predict._workdirs(args.workdir) == ["a", "b", "c"]
+
+
+@pytest.mark.e2e
+def test_tta_flag_runs_the_eight_views(workdir, images, tmp_path, capsys):
+  # The RetinaNet workdir: --tta averages the eight D4 views; --exact_rotation
+  # is for the P4 method only (a usage error here).
+  assert predict.main([f"--workdir={workdir}", "--images", str(images["first"]),
+                       "--out", str(tmp_path / "t"), "--threshold", "0", "--tta"]) == 0
+  predict.predict_images(workdir, [images["first"]], tmp_path / "p", threshold=0.0,
+                         verbose=False)
+  tta_mm, tta_p, _ = _points(tmp_path / "t" / "001.json")
+  mm, p, _ = _points(tmp_path / "p" / "001.json")
+  assert len(tta_mm) > 0 and len(mm) > 0
+  # Means over eight views: not the plain run's output.
+  assert (tta_p >= 0).all() and (tta_p <= 1).all()
+  assert not (len(tta_mm) == len(mm) and np.allclose(tta_mm, mm))
+  capsys.readouterr()
+  assert predict.main([f"--workdir={workdir}", "--images", str(images["first"]),
+                       "--out", str(tmp_path / "x"), "--exact_rotation"]) == 2
+  assert "--exact_rotation is for the P4 method" in capsys.readouterr().err

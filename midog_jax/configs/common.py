@@ -121,4 +121,5 @@ def eval_config() -> ml_collections.ConfigDict:
   e.max_val_images = 0        # 0 = all validation images
   e.write_overlays = True
   e.exact_rotation = False    # P4: stride-1 map, rotation-exact for any image size (4x cost)
+  e.tta = False               # D4 test-time augmentation, detections merged back (8x cost)
   return e

@@ -23,9 +23,18 @@ install: $(STAMP)
 # item._nodeid, which pytest 9 no longer reads.)
 XDIST := -n 2 --dist loadscope --no-loadscope-reorder
 
-# Everything, end-to-end runs included (what CI runs).
-test: $(STAMP)
-	$(BIN)/python -m pytest -q $(XDIST) tests $(PYTEST_ARGS)
+# torch + torchvision (the "torch" extra, ~5.5 GB) for the pretrained-weights
+# parity tests only; a separate stamp so `make demo` never installs it.
+TORCH_STAMP := $(VENV)/.installed-torch
+
+$(TORCH_STAMP): $(STAMP) setup.py
+	$(BIN)/pip install -q -e ".[test,torch]"
+	touch $(TORCH_STAMP)
+
+# Everything, end-to-end runs included (what CI runs). MIDOG_REQUIRE_TORCH=1:
+# the torch parity tests fail (not skip) if torch is missing.
+test: $(STAMP) $(TORCH_STAMP)
+	MIDOG_REQUIRE_TORCH=1 $(BIN)/python -m pytest -q $(XDIST) tests $(PYTEST_ARGS)
 
 # Without the end-to-end runs of the command-line programs (marked e2e).
 test-fast: $(STAMP)

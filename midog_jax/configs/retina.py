@@ -6,7 +6,13 @@
 
 Arguments: ``quick`` (a small model and short run for a 2-core CPU), ``tiny``
 (test-sized; combine as ``quick,tiny``),
-``imposters=background|class|ignore``, ``backbone=resnet18|resnet34|resnet50``.
+``imposters=background|class|ignore``, ``backbone=resnet18|resnet34|resnet50``,
+``pretrained=coco|imagenet``: the settings converted torchvision weights
+expect (``python -m midog_jax.weights list``), applied last, so
+``tiny,pretrained=coco`` is the COCO architecture on test-sized data:
+
+  python -m midog_jax.main --config=configs/retina.py:pretrained=coco \
+      --workdir=runs/coco --config.init_from=r50_coco.safetensors
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ def model_config() -> ml_collections.ConfigDict:
   m.fpn_channels = 256
   m.head_depth = 4
   m.head_groups = 32
-  m.norm = "batch"
+  m.norm = "batch"               # "frozen": torchvision's FrozenBatchNorm2d
+  m.input_mean = (0.485, 0.456, 0.406)  # ImageNet statistics of [0, 1] pixels
+  m.input_std = (0.229, 0.224, 0.225)
+  m.resize_to = 0               # >0: scale inputs by resize_to / patch_size
+  m.torchvision_anchors = False  # torchvision's rounded anchors, integer strides
   m.dtype = "float32"
   m.imposters = "background"
   m.box_size = 50.0             # MIDOG boxes are 50x50 px around the cell
@@ -41,8 +51,11 @@ def model_config() -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, quick=False, tiny=False, imposters="background",
-                       backbone="resnet50")
+                       backbone="resnet50", pretrained="")
   c = common.base_config()
+  # Converted weights record the settings they expect; a config that differs
+  # is refused at load time unless this is False (then it is only logged).
+  c.init_fidelity = True
   c.method = "retinanet"
   c.model = model_config()
   c.model.imposters = a.imposters
@@ -93,4 +106,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.tile_batch = 4
     c.eval.write_overlays = False
     c.log_every = 1
+  if a.pretrained == "coco":
+    # torchvision retinanet_resnet50_fpn_v2 (COCO_V1): its architecture,
+    # 9 anchors per location exactly as its AnchorGenerator, BatchNorm2d, and
+    # its transform's 512 -> 800 px resize.
+    m = c.model
+    m.backbone, m.backbone_width, m.levels = "resnet50", 0, (3, 4, 5, 6, 7)
+    m.anchor_sizes, m.anchor_ratios = (), (0.5, 1.0, 2.0)
+    m.torchvision_anchors = True
+    m.fpn_channels, m.head_depth, m.head_groups = 256, 4, 32
+    m.norm, m.resize_to = "batch", 800
+  elif a.pretrained == "imagenet":
+    # An ImageNet ResNet backbone (resnet18/34/50 files): torchvision's
+    # detection builders freeze its BatchNorm.
+    c.model.norm = "frozen"
+  elif a.pretrained:
+    raise ValueError(f"pretrained must be coco or imagenet, got {a.pretrained!r}")
   return c

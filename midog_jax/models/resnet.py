@@ -9,7 +9,8 @@ so torchvision weights can be converted and ``trainable_backbone_layers``
 maps onto scopes one to one.
 
 Normalisation (``norm``):
-  "batch": BatchNorm; batch statistics in training, running averages otherwise.
+  "batch": BatchNorm as torch's BatchNorm2d (`BatchNorm`); batch statistics in
+    training, running averages otherwise.
   "frozen": torchvision's FrozenBatchNorm2d: a fixed affine map whose scale,
     bias, mean and var all live in the "batch_stats" collection, so no
     optimiser ever touches them (what torchvision uses with pretrained weights).
@@ -69,6 +70,47 @@ class FrozenBatchNorm(nn.Module):
         self.dtype)
 
 
+class BatchNorm(nn.Module):
+  """BatchNorm with torch ``BatchNorm2d``'s exact statistics.
+
+  Same variables as ``flax.linen.BatchNorm`` (params scale/bias, batch_stats
+  mean/var), but the running variance is updated with the UNBIASED batch
+  variance (times n / (n - 1)) as torch does, and the batch variance is
+  computed in two passes (no E[x^2] - E[x]^2 cancellation), so one training
+  step moves the statistics exactly as torchvision's would. ``momentum`` is
+  Flax's (the weight of the old average: torch's 0.1 is 0.9 here).
+  Statistics are computed in float32 whatever ``dtype``.
+  """
+
+  use_running_average: bool = False
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if not self.is_initializing():
+        n = x.size // c
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean
+        ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    add = bias - mean * mul
+    return (x * mul.astype(self.dtype) + add.astype(self.dtype)).astype(self.dtype)
+
+
 def make_norm(kind: str, train: bool, name: str, dtype: Any,
               frozen: bool = False) -> Callable[[jax.Array], jax.Array]:
   """One normalisation layer of ``kind`` (see module docstring).
@@ -79,8 +121,8 @@ def make_norm(kind: str, train: bool, name: str, dtype: Any,
   """
   if kind == "batch":
     # torchvision: momentum 0.1 (Flax counts the other way), eps 1e-5.
-    return nn.BatchNorm(use_running_average=(not train) or frozen,
-                        momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
+    return BatchNorm(use_running_average=(not train) or frozen,
+                     momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
   if kind == "frozen":
     return FrozenBatchNorm(dtype=dtype, name=name)
   if kind == "group":

@@ -18,8 +18,8 @@ RetinaNet:
   head convs N(0, 0.01) initialised; one set of weights for all levels.
 * input: float images, already normalised (the detector applies ImageNet
   mean/std to [0, 1] pixels as torchvision's transform does, see
-  ``detectors.interface.normalize``). No resizing (torchvision would rescale
-  to 800 px).
+  ``detectors.interface.normalize``). No resizing here: torchvision's
+  rescale to 800 px is the detector's ``model.resize_to``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,16 @@ The pieces live beside this module: ``anchors`` (generation, box coding,
 matching), ``losses`` (focal, GIoU, the per-image sums) and ``decode``
 (outputs -> scored points); the Flax model is ``models.retinanet``.
 
+Fidelity options for converted torchvision weights (``midog_jax.weights``;
+``configs/retina.py:pretrained=coco`` sets them all): ``model.input_mean`` /
+``input_std`` (the normalisation of [0, 1] pixels, ImageNet's by default),
+``model.norm="frozen"`` (FrozenBatchNorm2d), ``model.resize_to`` (torchvision's
+detector transform resizes a 512 px tile to 800 px; here every network input
+is scaled by ``resize_to / data.patch_size``, bilinear as torch's
+``interpolate``, and boxes are scaled back, so training patches and inference
+tiles share one magnification) and ``model.torchvision_anchors`` (its rounded
+anchors and integer strides, see ``anchors``).
+
 Point labels become 50x50 px boxes (the MIDOG annotation convention).
 Imposters (category 2) are handled by ``config.model.imposters``:
 "background" (they are simply not foreground, the report's default), "class"
@@ -22,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from midog_jax.detections import IMPOSTER, MITOSIS
 from midog_jax.detectors import interface
@@ -38,8 +49,6 @@ class RetinaNetDetector:
   """Builds the model from ``config.model``; loss, tile function, patch scorer."""
 
   name = "retinanet"
-  input_mean = interface.IMAGENET_MEAN
-  input_std = interface.IMAGENET_STD
   tile_context = 0  # "same"-padded convolutions: tiles need no extra border
 
   def __init__(self, config):
@@ -50,6 +59,13 @@ class RetinaNetDetector:
     self.patch_size = int(config.data.patch_size)
     if self.patch_size <= 0:
       raise ValueError("the RetinaNet needs config.data.patch_size > 0")
+    # .get: configs of workdirs trained before these options existed.
+    self.input_mean = tuple(m.get("input_mean", interface.IMAGENET_MEAN))
+    self.input_std = tuple(m.get("input_std", interface.IMAGENET_STD))
+    self.resize_to = int(m.get("resize_to", 0))
+    self.torchvision_anchors = bool(m.get("torchvision_anchors", False))
+    if self.resize_to < 0:
+      raise ValueError(f"model.resize_to must be >= 0, got {self.resize_to}")
     # In-tile duplicate suppression uses the whole-image merge radius.
     self.radius = float(config.eval.merge_radius_px)
     self.num_classes = 2 if m.imposters == "class" else 1
@@ -67,14 +83,32 @@ class RetinaNetDetector:
     s = self.cfg.anchor_sizes
     return tuple(tuple(x) for x in s) if s else anchors_lib.default_sizes(tuple(self.cfg.levels))
 
+  def net_size(self, size: int) -> int:
+    """The side the network sees for a ``size`` px input (``model.resize_to``)."""
+    if not self.resize_to:
+      return size
+    return max(1, int(round(size * self.resize_to / self.patch_size)))
+
   def anchors(self, size: int) -> jax.Array:
-    """(A, 4) anchors of a ``size`` x ``size`` input, in the model's output order."""
-    return jnp.asarray(anchors_lib.generate_anchors(
-        (size, size), tuple(self.cfg.levels), self._sizes(),
-        tuple(self.cfg.anchor_ratios)))
+    """(A, 4) anchors of a ``size`` x ``size`` input, in the model's output order.
+
+    With ``resize_to`` they are the anchors of the resized input scaled back
+    to input pixels: box coding and IoU are scale-invariant, so this is
+    torchvision's resize -> detect -> scale boxes back.
+    """
+    net = self.net_size(size)
+    a = anchors_lib.generate_anchors(
+        (net, net), tuple(self.cfg.levels), self._sizes(),
+        tuple(self.cfg.anchor_ratios), torchvision_exact=self.torchvision_anchors)
+    return jnp.asarray(a if net == size else a * np.float32(size / net))
 
   def _apply(self, variables: dict, images_uint8: jax.Array, train: bool):
     x = interface.normalize(images_uint8, self.input_mean, self.input_std)
+    net = self.net_size(x.shape[1])
+    if net != x.shape[1]:
+      # torch interpolate(bilinear, align_corners=False): no antialiasing.
+      x = jax.image.resize(x, (x.shape[0], net, net, x.shape[3]), "bilinear",
+                           antialias=False)
     if train and "batch_stats" in variables:
       out, upd = self.model.apply(variables, x, train=True, mutable=["batch_stats"])
       return out, upd["batch_stats"]

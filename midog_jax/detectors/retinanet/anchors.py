@@ -23,6 +23,12 @@ centre, so the size-50 P3 anchor has IoU >= 46^2 / (2 * 50^2 - 46^2) = 0.73
 with it, and the size-64 P4 anchor (<= 8 px off) has IoU >= 0.57: every cell
 gets at least two foreground anchors on merit, without the low-quality rule.
 ``TORCHVISION_RATIOS`` gives torchvision's (and Sheta's report's) 9-anchor layout.
+
+``torchvision_exact=True`` reproduces torchvision's ``AnchorGenerator`` to the
+last bit, for converted COCO weights: cell anchors rounded to whole pixels
+(computed in float32, round half to even) and the stride of a level taken as
+``image_size // grid_size`` (e.g. 800 px: P6 61 px, P7 114 px instead of 64
+and 128), which differs from ``2**l`` wherever the size is not a multiple.
 """
 
 from __future__ import annotations
@@ -74,19 +80,24 @@ def num_anchors_per_location(sizes: Sequence[Sequence[float]] | None = None,
 
 
 @functools.lru_cache(maxsize=32)
-def _anchors_cached(image_size, levels, sizes, ratios) -> np.ndarray:
+def _anchors_cached(image_size, levels, sizes, ratios, exact=False) -> np.ndarray:
   out = []
-  ratios_a = np.asarray(ratios, np.float64)
+  dt = np.float32 if exact else np.float64  # torchvision computes in float32
+  ratios_a = np.asarray(ratios, dt)
   h_ratios = np.sqrt(ratios_a)  # ratio = h / w, area kept equal to size**2
-  w_ratios = 1.0 / h_ratios
+  w_ratios = dt(1.0) / h_ratios
   for level, (gh, gw), lsizes in zip(levels, level_shapes(image_size, levels),
                                      sizes):
-    stride = 2.0**level
-    s = np.asarray(lsizes, np.float64)
+    sy = sx = 2.0**level
+    if exact:
+      sy, sx = image_size[0] // gh, image_size[1] // gw
+    s = np.asarray(lsizes, dt)
     ws = (w_ratios[:, None] * s[None, :]).reshape(-1)  # ratio-major
     hs = (h_ratios[:, None] * s[None, :]).reshape(-1)
-    base = np.stack([-ws, -hs, ws, hs], axis=1) / 2.0  # (a, 4)
-    cy, cx = np.meshgrid(np.arange(gh) * stride, np.arange(gw) * stride,
+    base = np.stack([-ws, -hs, ws, hs], axis=1) / dt(2.0)  # (a, 4)
+    if exact:
+      base = np.round(base)  # half to even, as torch.round
+    cy, cx = np.meshgrid(np.arange(gh) * sy, np.arange(gw) * sx,
                          indexing="ij")
     shifts = np.stack([cx, cy, cx, cy], axis=-1).reshape(-1, 1, 4)
     out.append((shifts + base[None]).reshape(-1, 4))
@@ -98,7 +109,8 @@ def _anchors_cached(image_size, levels, sizes, ratios) -> np.ndarray:
 def generate_anchors(image_size: Sequence[int],
                      levels: Sequence[int] = DEFAULT_LEVELS,
                      sizes: Sequence[Sequence[float]] | None = None,
-                     ratios: Sequence[float] = DEFAULT_RATIOS) -> np.ndarray:
+                     ratios: Sequence[float] = DEFAULT_RATIOS,
+                     torchvision_exact: bool = False) -> np.ndarray:
   """All anchors of an ``(H, W)`` input, ``(A_total, 4)`` float32 xyxy.
 
   Args:
@@ -107,6 +119,8 @@ def generate_anchors(image_size: Sequence[int],
     sizes: one tuple of anchor sizes (sqrt of area, px) per level; None gives
       `default_sizes(levels)`.
     ratios: aspect ratios h/w, shared by all levels.
+    torchvision_exact: torchvision's rounded cell anchors and integer
+      strides (see the module docstring).
 
   Returns:
     A read-only cached numpy array; ``A_total = sum_l ceil(H/2^l) *
@@ -119,7 +133,8 @@ def generate_anchors(image_size: Sequence[int],
     raise ValueError(f"need one size tuple per level {levels}, got {sizes}")
   num_anchors_per_location(sizes, ratios)  # validates equal counts
   return _anchors_cached((int(image_size[0]), int(image_size[1])), levels,
-                         sizes, tuple(float(r) for r in ratios))
+                         sizes, tuple(float(r) for r in ratios),
+                         bool(torchvision_exact))
 
 
 def _xyxy_to_cxcywh(b):

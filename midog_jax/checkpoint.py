@@ -131,6 +131,7 @@ def _storage_errors(folder: Path, step: int):
   complete, so the checkpoints already saved are untouched; the partial
   folder is removed so the space it took is given back.
   """
+  errors.drop_closed_loop_reports()
   # Orbax's writer threads and asyncio also log the failure, a traceback each.
   loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
   for log in loggers:

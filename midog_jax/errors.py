@@ -82,6 +82,31 @@ def storage_cause(e: BaseException) -> str | None:
   return None
 
 
+def _is_closed_loop(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def drop_closed_loop_reports() -> None:
+  """Stops tensorstore's callbacks into a closed asyncio loop from printing.
+
+  When an orbax save fails (disk full), tensorstore's writer threads still
+  call ``loop.call_soon_threadsafe`` on the loop orbax has closed; each
+  failure is reported as an unraisable exception, a bare traceback (dozens to
+  hundreds of them, before the program's own one-line error). Only that exact
+  error is dropped; every other one is reported as before. Idempotent.
+  """
+  if getattr(sys.unraisablehook, "_drops_closed_loop", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_closed_loop(unraisable.exc_value):
+      previous(unraisable)
+
+  hook._drops_closed_loop = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 def quiet_shutdown() -> None:
   """Drops the "Exception ignored" reports of orbax's abandoned writes at exit.
 

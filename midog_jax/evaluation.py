@@ -29,6 +29,7 @@ from midog_jax import evaluate as eval_lib
 from midog_jax import export, infer, parallel, tta
 from midog_jax.data import slides as slides_lib
 from midog_jax.detections import Detections
+from midog_jax.detectors import interface
 from midog_jax.fileio import write_json_atomic
 
 
@@ -60,10 +61,11 @@ def make_tiler(detector, variables: dict, config, *, score_thresh: float | None 
   the device count (tiles are sharded over the devices).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  if hasattr(detector, "make_tiler"):
+  own = interface.hook(detector, "make_tiler")
+  if own is not None:
     # A method whose whole images are not tiled (kondo_da: the image's
     # candidates, then their patches): its own object with ``detect``.
-    return detector.make_tiler(variables, config, score_thresh=score_thresh, mesh=mesh)
+    return own(variables, config, score_thresh=score_thresh, mesh=mesh)
   mesh = mesh if mesh is not None else parallel.local_mesh()
   cfg = infer.TileConfig.from_config(config.eval, context=detector.tile_context)
   n_dev = mesh.devices.size
@@ -90,7 +92,7 @@ def validate(detector, variables: dict, cases, config) -> dict:
   # Detections are scored as the evaluator scores them: mitotic points only.
   t, _, _ = eval_lib.threshold_sweep(cases, dets)
   at = eval_lib.evaluate_points(cases, dets, threshold=t)
-  extra = getattr(detector, "extra_validation", None)  # more scalars (kondo_da's candidate F1)
+  extra = interface.hook(detector, "extra_validation")  # more scalars (kondo_da's candidate F1)
   return dict(threshold=float(t), f1=float(at["f1"]), precision=float(at["precision"]),
               recall=float(at["recall"]),
               **(extra(variables, cases, config) if extra else {}))

@@ -23,8 +23,9 @@ import optax
 
 from midog_jax import checkpoint as ckpt_lib
 from midog_jax import detectors, evaluation, optim, parallel, signals
+from midog_jax.detectors import interface
 from midog_jax.data import experiment, pipeline
-from midog_jax.errors import DataError, NonFiniteLossError, Stopped
+from midog_jax.errors import NonFiniteLossError, Stopped
 from midog_jax.fileio import write_json_atomic
 from midog_jax.metric_writer import MetricWriter, Progress, accumulate, example_image
 from midog_jax.workdir import WorkdirLock, check_resume_config
@@ -101,20 +102,27 @@ def _train_and_evaluate(config, workdir: Path, negatives, writer) -> dict:
   writer = writer or MetricWriter(workdir, enabled=is_main)
   log = print if is_main else (lambda *a, **k: None)
   detector = detectors.build(config)
+  # A method's optional hooks (detectors/interface.HOOKS), else the defaults.
+  fit = interface.hook(detector, "fit")
+  if fit is not None:  # trained outside this loop (image-level round 1)
+    return fit(workdir, writer=writer, log=log) if is_main else {}
+  scoring = interface.hook(detector, "evaluation") or evaluation
+  make_dataset = interface.hook(detector, "make_dataset") or pipeline.make_dataset
+  load_data = interface.hook(detector, "load_data")
 
   # Data.
-  data = experiment.load_experiment(config.data)
+  data = load_data() if load_data is not None else experiment.load_experiment(config.data)
   log(f"data: {data.describe()}")
   patch_cfg = pipeline.PatchConfig.from_config(config.data,
                                                patch_size=detector.patch_size)
   shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_ds = pipeline.make_dataset(
+  train_ds = make_dataset(
       data.pool_cases if negatives is not None else data.train, patch_cfg,
       seed=config.seed, batch_size=config.batch_size, negatives=negatives, **shard)
   train_iter = pipeline.make_iterator(train_ds, num_workers=config.num_workers)
   val_loss_ds = None
   if data.val and config.data.val_patches:
-    val_loss_ds = pipeline.make_dataset(
+    val_loss_ds = make_dataset(
         data.val, patch_cfg, seed=config.seed + 1, batch_size=config.batch_size,
         augment=False, num_examples=config.data.val_patches, **shard)
   best = evaluation.BestCheckpoint(metric=config.get("best_metric", "f1"))
@@ -141,20 +149,15 @@ def _train_and_evaluate(config, workdir: Path, negatives, writer) -> dict:
   else:
     writer.write_hparams(config.to_dict())
     if config.init_from:
-      merged, loaded, skipped = ckpt_lib.merge_pretrained(
-          variables, ckpt_lib.load_pretrained(config.init_from))
-      if skipped and config.get("init_strict", True):
-        # A mis-named weight file must not silently train from scratch.
-        raise DataError(config.init_from, (
-            f"{len(skipped)} of {len(loaded) + len(skipped)} arrays match no parameter "
-            f"of the model by name and shape: {', '.join(skipped[:8])}"
-            f"{' ...' if len(skipped) > 8 else ''}; set --config.init_strict=False "
-            "to load the rest"))
+      # Strict: every array matched or covered by a named rule, and a
+      # converted file's settings checked against the config (pretrained.py).
+      from midog_jax import pretrained as pretrained_lib
+      merged, notes = pretrained_lib.load_into(variables, config.init_from, config)
       state.update(params=merged["params"],
                    batch_stats=merged.get("batch_stats", batch_stats))
       state["opt_state"] = tx.init(state["params"])
-      log(f"initialised {len(loaded)} arrays from {config.init_from}"
-          + (f"; skipped (shape or name mismatch): {', '.join(skipped)}" if skipped else ""))
+      for line in notes:
+        log(f"init_from {config.init_from}: {line}")
   state = parallel.replicate(state, mesh)
   repl, data_sh = parallel.replicated(mesh), parallel.data_sharding(mesh)
   step_fn = jax.jit(functools.partial(train_step, detector=detector, tx=tx),
@@ -183,9 +186,8 @@ def _train_and_evaluate(config, workdir: Path, negatives, writer) -> dict:
       scalars["val_loss"] = accumulate(got)["loss"]
     if data.val:
       # Every process validates (identically), so all agree on saving "best".
-      v = evaluation.validate(detector, variables_of(state), data.val, config)
-      scalars.update({f"val_{k}": v[k] for k in ("f1", "precision", "recall",
-                                                 "threshold")})
+      v = scoring.validate(detector, variables_of(state), data.val, config)
+      scalars.update({f"val_{k}": float(x) for k, x in v.items()})  # f1, threshold, ...
       if best.update(step, scalars):
         ckpts.save_best(step, state, meta_now())  # every process: orbax syncs them
     if scalars:
@@ -251,9 +253,9 @@ def _train_and_evaluate(config, workdir: Path, negatives, writer) -> dict:
       log(f"no validation images: evaluating the final weights at threshold "
           f"{best.threshold}")
       variables, threshold = variables_of(state), best.threshold
-    results = evaluation.evaluate_sets(detector, variables, threshold,
-                                       dict(val=data.val, **data.heldout), config, workdir)
-    log(evaluation.format_table(results))
+    results = scoring.evaluate_sets(detector, variables, threshold,
+                                    dict(val=data.val, **data.heldout), config, workdir)
+    log(scoring.format_table(results))
     writer.write_scalars(config.total_steps,
                          {f"test/{k}_f1": v["f1"] for k, v in results.items()})
     summary = best.to_meta()

@@ -22,14 +22,15 @@ LAYERS = (
     # Foundations: types, ids, atomic files, errors, signals, workdir guards,
     # mesh, the MIDOG metric, metric writing, checkpoints, optimisers, configs.
     ("errors", "signals", "workdir", "detections", "fileio", "parallel", "metrics",
-     "metric_writer", "checkpoint", "optim", "configs", "config_files"),
-    ("data", "models"),                          # cases, pixels, pure Flax modules
-    ("detectors",),                              # one interface, one module each
-    ("infer", "evaluate", "ensemble", "baselines"),  # whole images, scoring
+     "metric_writer", "checkpoint", "pretrained", "optim", "configs", "config_files"),
+    ("data", "models", "candidates"),            # cases, pixels, pure Flax modules
+    ("weights",),                                # torchvision weights -> models
+    ("detectors", "image_level"),                # one interface, one module each; image-level method
+    ("infer", "tta", "evaluate", "ensemble", "baselines"),  # whole images, scoring
     ("export",),                                 # output formats
     ("evaluation",),                             # evaluating a detector
-    ("train", "predict"),                        # the loop; new images
-    ("mining", "demo", "main"),                  # drivers and entry points
+    ("train", "predict", "classify", "image_level.baseline", "adapt"),  # the loop; new images
+    ("mining", "demo", "main", "search"),        # drivers and entry points
 )
 
 
@@ -142,3 +143,21 @@ def test_no_module_over_500_lines():
   long = {str(f.relative_to(PKG.parent)): n for f in PKG.rglob("*.py")
           if (n := len(f.read_text().splitlines())) > MAX_LINES}
   assert long == {}
+
+
+def test_optional_detector_members_are_reached_only_through_the_declared_hooks():
+  # detectors/interface.HOOKS lists every optional member; code outside the
+  # detectors asks for them with interface.hook, never by probing attributes.
+  from midog_jax.detectors import interface
+  offenders = []
+  for f in PKG.rglob("*.py"):
+    if "detectors" in f.relative_to(PKG).parts:
+      continue
+    for node in ast.walk(ast.parse(f.read_text(), str(f))):
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+          and node.func.id in ("hasattr", "getattr") and len(node.args) >= 2
+          and isinstance(node.args[1], ast.Constant) and node.args[1].value in interface.HOOKS):
+        offenders.append(f"{f.relative_to(PKG)}:{node.lineno}")
+  assert offenders == []
+  with pytest.raises(KeyError, match="not a declared detector hook"):
+    interface.hook(object(), "fitt")

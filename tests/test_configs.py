@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from configs import common, p4_resnet, retina
+from configs import common, image_level, kondo_da, p4_resnet, retina
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,6 +116,10 @@ CONFIGS = [
     (retina, "backbone=resnet34"),
     (p4_resnet, ""), (p4_resnet, "aug=rgb"), (p4_resnet, "aug=od"),
     (p4_resnet, "quick"), (p4_resnet, "tiny"), (p4_resnet, "quick,aug=od"),
+    (kondo_da, ""), (kondo_da, "quick"), (kondo_da, "tiny"), (kondo_da, "sampling=uniform"),
+    (kondo_da, "grl=constant"),
+    (image_level, ""), (image_level, "quick"), (image_level, "tiny"), (image_level, "round=2"),
+    (image_level, "round=2,tiny"),
 ]
 IDS = [f"{m.__name__.rsplit('.', 1)[-1]}:{a or '-'}" for m, a in CONFIGS]
 
@@ -128,7 +132,7 @@ def test_config_has_the_command_line_contract_keys(module, arg):
   assert isinstance(c.total_steps, int) and c.total_steps > 0
   assert isinstance(c.batch_size, int) and c.batch_size > 0
   assert isinstance(c.init_from, str) and c.init_from == ""
-  assert c.method in ("retinanet", "p4")
+  assert c.method in ("retinanet", "p4", "kondo_da", "image_level")
   # Keys the trainer reads directly.
   for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
               "optimizer", "eval", "model", "best_metric"):
@@ -151,7 +155,7 @@ def test_detectors_build_accepts_every_config(module, arg):
 
 
 def test_get_config_without_argument_equals_empty_argument():
-  for module in (retina, p4_resnet):
+  for module in (retina, p4_resnet, kondo_da, image_level):
     assert module.get_config().to_dict() == module.get_config("").to_dict()
 
 

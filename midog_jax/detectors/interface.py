@@ -104,3 +104,41 @@ class Detector(Protocol):
 
   def make_patch_score_fn(self, variables: dict, patch_size: int) -> PatchScoreFn:
     """The jitted patch scorer hard-negative mining ranks negatives with."""
+
+
+# Optional members: a method whose data, training or whole-image inference
+# differ from the patch detectors' provides some of these, and the callers
+# (train.py, evaluation.py) reach them ONLY through :func:`hook`, so the list
+# below is every extension point there is.
+HOOKS = {
+    # fit(workdir, writer=, log=) -> summary dict: the method trains itself
+    # instead of the loop (the image-level classifier's round 1: cached
+    # features and heads, no gradient steps); the workdir lock and the
+    # resume-config check still apply.
+    "fit": "train.py",
+    # load_data() -> data.experiment.ExperimentData: its own train / val /
+    # held-out sets (candidate stores; image-level fields).
+    "load_data": "train.py",
+    # make_dataset(cases, patch_cfg, *, seed, batch_size, augment=True,
+    # num_examples=None, process_index=0, process_count=1, negatives=None)
+    # -> grain.MapDataset with data.pipeline.make_dataset's contract
+    # (deterministic per (seed, i), checkpointable), so resume works unchanged.
+    "make_dataset": "train.py",
+    # evaluation: an object with validate / evaluate_sets / format_table of
+    # the evaluation module's signatures (image-level F1 and threshold).
+    "evaluation": "train.py",
+    # make_tiler(variables, config, *, score_thresh=None, mesh=None) -> an
+    # object with detect(source) -> Detections: whole images without tiles
+    # (Kondo's method: the image's candidates, then their patches).
+    "make_tiler": "evaluation.py",
+    # extra_validation(variables, cases, config) -> dict of scalars logged
+    # beside the validation F1 (Kondo's candidate-level F1).
+    "extra_validation": "evaluation.py",
+}
+
+
+def hook(detector: Any, name: str) -> Any:
+  """The detector's optional member ``name`` (one of :data:`HOOKS`), or None."""
+  if name not in HOOKS:
+    raise KeyError(f"{name!r} is not a declared detector hook; declared: {sorted(HOOKS)}")
+  return getattr(detector, name, None)

@@ -50,7 +50,6 @@ import numpy as np
 
 from midog_jax import errors, predict, signals
 from midog_jax.data import slides as slides_lib
-from midog_jax.detections import Detections
 from midog_jax.errors import DataError, Stopped
 from midog_jax.fileio import atomic_path
 
@@ -161,7 +160,7 @@ def adapt_images(workdir, images: Sequence, out, *, per: str = "image",
 
   def write(target: _Target, grown, v, adapt_s: float, t0: float) -> dict:
     probs = grown.score_patches(v, target.patches)
-    dets = Detections(target.xy, probs).above(threshold)
+    dets = grown.to_detections(target.xy, probs, threshold, float(config.eval.merge_radius_px))
     with slides_lib.Slide(target.path) as slide:
       paths = predict.output_paths(out, target.stem, formats, False)
       predict.write_outputs(dets, target.spacing, paths, slide)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 MITOSIS = 1
 IMPOSTER = 2
@@ -74,3 +75,20 @@ class Detections:
   def above(self, threshold: float) -> "Detections":
     """Only the points scoring at least ``threshold``."""
     return self.select(self.scores >= threshold)
+
+
+def suppress_by_distance(xy: np.ndarray, scores: np.ndarray, radius: float
+                         ) -> np.ndarray:
+  """Indices kept by greedy distance suppression (highest score first)."""
+  if len(xy) == 0 or radius <= 0:
+    return np.arange(len(xy))
+  order = np.lexsort((xy[:, 1], xy[:, 0], -scores))  # ties broken by position
+  tree = cKDTree(xy)
+  removed = np.zeros(len(xy), bool)
+  keep = []
+  for i in order:
+    if removed[i]:
+      continue
+    keep.append(i)
+    removed[tree.query_ball_point(xy[i], radius)] = True
+  return np.sort(np.asarray(keep, np.int64))

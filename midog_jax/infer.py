@@ -25,11 +25,11 @@ from typing import Callable, Iterator
 
 import jax
 import numpy as np
-from scipy.spatial import cKDTree
 
 from midog_jax import parallel
 from midog_jax.data import slides as slides_lib
-from midog_jax.detections import Detections
+# The one distance suppression (also used by methods that do not tile).
+from midog_jax.detections import Detections, suppress_by_distance  # noqa: F401
 from midog_jax.detectors.interface import TileFn
 
 # XLA options for the tile function on CPU. XLA:CPU hands convolutions to
@@ -93,23 +93,6 @@ def _ownership_bounds(origins: np.ndarray, tile: int) -> tuple[np.ndarray, np.nd
   lo = np.concatenate([[-np.inf], mids])
   hi = np.concatenate([mids, [np.inf]])
   return lo, hi
-
-
-def suppress_by_distance(xy: np.ndarray, scores: np.ndarray, radius: float
-                         ) -> np.ndarray:
-  """Indices kept by greedy distance suppression (highest score first)."""
-  if len(xy) == 0 or radius <= 0:
-    return np.arange(len(xy))
-  order = np.lexsort((xy[:, 1], xy[:, 0], -scores))  # ties broken by position
-  tree = cKDTree(xy)
-  removed = np.zeros(len(xy), bool)
-  keep = []
-  for i in order:
-    if removed[i]:
-      continue
-    keep.append(i)
-    removed[tree.query_ball_point(xy[i], radius)] = True
-  return np.sort(np.asarray(keep, np.int64))
 
 
 class _Tiles:

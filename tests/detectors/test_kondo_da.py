@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from midog_jax import candidates as cand_lib
-from midog_jax import config_files, detectors
+from midog_jax import config_files, detectors, infer
 from midog_jax.detectors import kondo_da
 from midog_jax.detectors.kondo_da import adaptation
 from midog_jax.models import dann as dann_lib
@@ -101,7 +101,8 @@ def test_balanced_batches(trained):
 def test_whole_image_equals_classifying_find_candidates(trained, tiny_dataset):
   det, variables, data = trained
   path = data.heldout["heldout_domain"][0].path
-  got = det.make_tiler(variables, det.config, score_thresh=0.0).detect(path)
+  no_merge = tiny_config(tiny_dataset, **{"eval.merge_radius_px": 0.0})
+  got = det.make_tiler(variables, no_merge, score_thresh=0.0).detect(path)
   xy = cand_lib.find_candidates(path, det.settings)
   patches = cand_lib.patches_for(path, xy, 64)
   x = jnp.asarray(patches, jnp.float32) / 255.0
@@ -114,9 +115,18 @@ def test_whole_image_equals_classifying_find_candidates(trained, tiny_dataset):
   # The candidate cut-off (eval.score_thresh, as evaluation.make_tiler):
   # only candidates at or above it.
   t = float(np.median(want))
-  cfg = tiny_config(tiny_dataset, **{"eval.score_thresh": t})
+  cfg = tiny_config(tiny_dataset, **{"eval.score_thresh": t, "eval.merge_radius_px": 0.0})
   above = det.make_tiler(variables, cfg).detect(path)
   np.testing.assert_array_equal(above.xy, xy[want >= t])
+  # With a merge radius: the distance suppression of every method's output
+  # (highest score first; nothing closer than the radius to a kept point).
+  cfg = tiny_config(tiny_dataset, **{"eval.score_thresh": 0.0, "eval.merge_radius_px": 25.0})
+  merged = det.make_tiler(variables, cfg).detect(path)
+  keep = infer.suppress_by_distance(xy, want.astype(np.float32), 25.0)
+  assert 0 < len(merged) == len(keep) < len(xy)
+  np.testing.assert_array_equal(np.sort(merged.xy, 0), np.sort(xy[keep], 0))
+  d = np.hypot(*(merged.xy[:, None] - merged.xy[None]).transpose(2, 0, 1))
+  assert (d[~np.eye(len(d), dtype=bool)] > 25.0).all()
 
 
 def test_choose_confident_counts_and_order():

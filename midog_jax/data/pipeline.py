@@ -18,7 +18,7 @@ workers need an ``if __name__ == "__main__":`` guard (spawn).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 from absl import flags
@@ -246,10 +246,30 @@ def make_dataset(cases: Sequence[Case], cfg: PatchConfig, *, seed: int,
     negatives: optional (N, 3) pool of (case_index, x, y) negative centres
       into ``cases`` ("balanced" only; see ``PatchMaker``).
   """
+  check_global_batch(batch_size, process_count)
+  maker = PatchMaker(cases, cfg, seed, augment=augment, negatives=negatives)
+  return batched_stream(maker, batch_size=batch_size, num_examples=num_examples,
+                        process_index=process_index, process_count=process_count)
+
+
+def check_global_batch(batch_size: int, process_count: int) -> None:
+  """The global batch must split evenly over the processes."""
   if batch_size % process_count:
     raise ValueError(f"global batch {batch_size} is not divisible by "
                      f"{process_count} processes")
-  maker = PatchMaker(cases, cfg, seed, augment=augment, negatives=negatives)
+
+
+def batched_stream(maker: Callable[[int], dict], *, batch_size: int,
+                   num_examples: int | None = None, process_index: int = 0,
+                   process_count: int = 1) -> grain.MapDataset:
+  """Examples ``maker(i)``, ``i = 0, 1, ...``, this process's share, batched.
+
+  The one stream construction of every method's ``make_dataset`` (the patch
+  pipeline, Kondo's candidates, image-level fields): example ``i`` depends
+  only on ``i`` (and the maker's seed), the processes take interleaved
+  shares, each batch holds ``batch_size // process_count`` examples.
+  """
+  check_global_batch(batch_size, process_count)
   n = _INFINITE if num_examples is None else int(num_examples)
   ds = grain.MapDataset.range(n).map(maker)
   if process_count > 1:

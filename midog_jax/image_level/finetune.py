@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from midog_jax import parallel
+from midog_jax.data import pipeline
 from midog_jax.detectors.interface import IMAGENET_MEAN, IMAGENET_STD, normalize
 from midog_jax.image_level import datasets, features, heads
 from midog_jax.image_level import fields as fields_lib
 from midog_jax.image_level import metrics as metrics_lib
 from midog_jax.models.efficientnet import EfficientNet, VARIANTS
 
-_INFINITE = 2 ** 40
 HEAD = "classifier"
 TOP = ("head_conv", "head_bn", HEAD)
 
@@ -162,15 +162,10 @@ class Finetune:
     del cfg
     if negatives is not None:
       raise ValueError("the image-level method takes no negative pool")
-    if batch_size % process_count:
-      raise ValueError(f"global batch {batch_size} is not divisible by "
-                       f"{process_count} processes")
+    pipeline.check_global_batch(batch_size, process_count)
     maker = ItemMaker(items, seed, augment, bool(self.config.image_level.balanced))
-    n = _INFINITE if num_examples is None else int(num_examples)
-    ds = grain.MapDataset.range(n).map(maker)
-    if process_count > 1:
-      ds = ds[process_index::process_count]
-    return ds.batch(batch_size // process_count, drop_remainder=True)
+    return pipeline.batched_stream(maker, batch_size=batch_size, num_examples=num_examples,
+                                   process_index=process_index, process_count=process_count)
 
   # --- the Detector interface ---------------------------------------------------
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from midog_jax import candidates as cand_lib
 from midog_jax.candidates import extract as extract_lib
-from midog_jax.data import experiment
+from midog_jax.data import experiment, pipeline
 from midog_jax.detections import Detections, suppress_by_distance
 from midog_jax.detectors.interface import IMAGENET_MEAN, IMAGENET_STD, normalize
 from midog_jax.errors import DataError
@@ -44,7 +44,6 @@ from midog_jax.models import dann as dann_lib
 from midog_jax.models import resnet as resnet_lib
 from midog_jax.models.grad_reverse import ganin_lambda
 
-_INFINITE = 2 ** 40
 
 
 def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> dict:
@@ -218,20 +217,15 @@ class KondoDA:
     del cfg
     if negatives is not None:
       raise ValueError("kondo_da samples candidates; it takes no negative pool")
-    if batch_size % process_count:
-      raise ValueError(f"global batch {batch_size} is not divisible by "
-                       f"{process_count} processes")
+    pipeline.check_global_batch(batch_size, process_count)
     k = self.config.kondo
     maker = CandidateMaker(
         self.store, self.indices_of(cases), seed=seed, batch_size=batch_size,
         total_steps=int(self.config.total_steps), augment=augment,
         balanced=k.sampling == "balanced", mitotic_fraction=float(k.mitotic_fraction),
         d4=bool(self.config.data.d4))
-    n = _INFINITE if num_examples is None else int(num_examples)
-    ds = grain.MapDataset.range(n).map(maker)
-    if process_count > 1:
-      ds = ds[process_index::process_count]
-    return ds.batch(batch_size // process_count, drop_remainder=True)
+    return pipeline.batched_stream(maker, batch_size=batch_size, num_examples=num_examples,
+                                   process_index=process_index, process_count=process_count)
 
   # --- the Detector interface ----------------------------------------------------
 

@@ -7,7 +7,7 @@ again and again; data loading is excluded (``benchmarks/input_pipeline.py``
 measures it). Prints one JSON object per measurement::
 
   python benchmarks/train_step.py [--method retina|p4] [--config ARG] [--batch N]
-      [--size PX] [--steps 3] [--dtype float32|bfloat16] [--torch]
+      [--size PX] [--steps 3] [--dtype float32|bfloat16] [--torch] [--peak_tflops T]
 
 ``--method retina`` is the seed-000 RetinaNet (ResNet-50 FPN, Adam; default
 batch 2 of 512 px here, 30 in the paper), ``p4`` the P4 ResNet (SGD; its own
@@ -39,7 +39,7 @@ from midog_jax import config_files, detectors, optim, train
 def _batch(batch: int, size: int, rng: np.random.Generator) -> dict:
   """A pipeline-shaped batch: uint8 images, 32 padded points, 4 real per patch."""
   pts = np.zeros((batch, 32, 2), np.float32)
-  pts[:, :4] = rng.uniform(40, size - 40, (batch, 4, 2))
+  pts[:, :4] = rng.uniform(0.25 * size, 0.75 * size, (batch, 4, 2))
   cls = np.zeros((batch, 32), np.int32)
   cls[:, :4] = [1, 1, 2, 2]
   mask = np.zeros((batch, 32), bool)
@@ -141,10 +141,15 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--torch", action="store_true", help="also time torchvision's detector")
+  p.add_argument("--peak_tflops", type=float, default=0.0,
+                 help="the device's peak for --dtype (e.g. 989 for an H100/H200 in bf16): "
+                 "adds flop_utilisation")
   a = p.parse_args()
   if a.torch and (a.method != "retina" or a.config):
     raise SystemExit("--torch compares the full ResNet-50 RetinaNet: --method retina, no --config")
   mine = ours(a)
+  if a.peak_tflops > 0:
+    mine["flop_utilisation"] = round(mine["achieved_gflops_per_s"] / (a.peak_tflops * 1e3), 4)
   print(json.dumps(mine), flush=True)
   if a.torch:
     theirs = torch_step(a)

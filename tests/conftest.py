@@ -47,8 +47,9 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 # The longest test files (measured), started first.
-LONGEST_FIRST = ("test_train_parallel.py", "test_train_resume.py", "test_installed_demo.py",
-                 "test_train_guards.py")
+LONGEST_FIRST = ("test_train_parallel.py", "test_train_resume.py", "test_image_level_cli.py",
+                 "test_train_from_converted.py", "test_search.py", "test_installed_demo.py",
+                 "test_train_guards.py", "test_disk_full.py", "test_adapt.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
 import pickle
 
 import pytest
@@ -15,7 +16,8 @@ def test_data_error_crosses_a_process_pool_intact():
   e = pickle.loads(pickle.dumps(DataError("/x/a.tif", "corrupt TIFF header")))
   assert isinstance(e, DataError) and str(e) == "/x/a.tif: corrupt TIFF header"
   assert e.path == "/x/a.tif" and e.problem == "corrupt TIFF header"
-  with concurrent.futures.ProcessPoolExecutor(1) as pool:
+  # spawn: forking a process that runs JAX's threads can deadlock.
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
     with pytest.raises(DataError, match="^/x/b.tif: bad$"):
       pool.submit(_raise_data_error, "/x/b.tif").result()
 

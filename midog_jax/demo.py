@@ -16,6 +16,7 @@ Runs from an installed package too (the configs ship inside it).
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   out = Path(args.out)
   t0 = time.perf_counter()
+  # Orbax warns on every read-only restore of the final evaluation; errors only.
+  logging.getLogger("absl").setLevel(logging.ERROR)
 
   from midog_jax.data import experiment, midog, summary
   data_dir = experiment.ensure_synthetic(out / "data", args.preset, seed=0)

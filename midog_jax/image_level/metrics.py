@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from midog_jax.fileio import atomic_output, atomic_path, write_json_atomic
+from midog_jax.metrics import best_f1_threshold
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray) -> dict[str, int]:
@@ -86,17 +87,12 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> 
 def best_threshold(labels: np.ndarray, scores: np.ndarray, default: float = 0.5) -> float:
   """The threshold with the highest F1 among the distinct scores (``default`` if none).
 
-  Ties go to the highest such threshold (the fewest positive calls).
+  Ties go to the highest such threshold (the fewest positive calls);
+  ``metrics.best_f1_threshold`` does the sweep.
   """
-  s = np.asarray(scores, np.float64)
-  if not len(s) or not np.asarray(labels).astype(bool).any():
+  if not len(scores) or not np.asarray(labels).astype(bool).any():
     return float(default)
-  best_t, best_f1 = float(default), -1.0
-  for t in np.unique(s)[::-1]:
-    f1 = binary_metrics(labels, s, t)["f1"]
-    if f1 > best_f1:
-      best_t, best_f1 = float(t), f1
-  return best_t
+  return best_f1_threshold(np.asarray(labels).astype(int), scores)["threshold"]
 
 
 def evaluate(labels: np.ndarray, scores: np.ndarray, domains: Sequence[str],

@@ -40,33 +40,11 @@ from midog_jax.data import experiment, pipeline
 from midog_jax.detections import Detections, suppress_by_distance
 from midog_jax.detectors.interface import IMAGENET_MEAN, IMAGENET_STD, normalize
 from midog_jax.errors import DataError
+from midog_jax.metrics import best_f1_threshold  # noqa: F401 (candidate-level F1)
 from midog_jax.models import dann as dann_lib
 from midog_jax.models import resnet as resnet_lib
 from midog_jax.models.grad_reverse import ganin_lambda
 
-
-
-def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> dict:
-  """The F1-best threshold of a binary classification, and its scores.
-
-  Candidates scoring ``>= threshold`` are positive (the sweep's rule).
-  """
-  labels = np.asarray(labels) == 1
-  scores = np.asarray(scores, np.float64)
-  n_pos = int(labels.sum())
-  if len(scores) == 0 or n_pos == 0:
-    return dict(f1=0.0, precision=0.0, recall=0.0, threshold=0.5)
-  order = np.argsort(-scores, kind="stable")
-  s, tp = scores[order], np.cumsum(labels[order])
-  # Only the last of equal scores is a valid cut (ties go in together).
-  last = np.r_[s[1:] != s[:-1], True]
-  k = np.flatnonzero(last)
-  tp_k, pred_k = tp[k].astype(np.float64), k + 1.0
-  prec, rec = tp_k / pred_k, tp_k / n_pos
-  f1 = 2 * prec * rec / np.maximum(prec + rec, 1e-12)
-  i = int(np.argmax(f1))
-  return dict(f1=float(f1[i]), precision=float(prec[i]), recall=float(rec[i]),
-              threshold=float(s[k[i]]))
 
 
 class CandidateMaker:

@@ -258,6 +258,18 @@ class CandidateStore:
                 label=self.labels[i], domain=self.domains[i],
                 image_id=self.image_ids[i], xy=self.xy[i].copy())
 
+  def patches(self, indices) -> np.ndarray:
+    """The patches of candidates ``indices``, (N, P, P, 3) uint8, in one batched read."""
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    p = self.settings.patch_size
+    if len(indices) and not (indices.min() >= -len(self) and indices.max() < len(self)):
+      raise IndexError(f"candidates {indices.min()}..{indices.max()} of a store of {len(self)}")
+    raws = self._reader().__getitems__([int(r) for r in self._record[indices]])
+    out = np.empty((len(indices), p, p, 3), np.uint8)
+    for j, raw in enumerate(raws):
+      out[j] = np.frombuffer(raw, np.uint8).reshape(p, p, 3)
+    return out
+
   @property
   def images(self) -> list[dict]:
     """Per image: id, file name, domain, candidates, figures, found."""

@@ -309,11 +309,7 @@ class KondoDA:
 
   def store_patches(self, indices: np.ndarray) -> np.ndarray:
     """Patches of store candidates ``indices`` (N, P, P, 3) uint8."""
-    p = self.patch_size
-    out = np.empty((len(indices), p, p, 3), np.uint8)
-    for j, i in enumerate(indices):
-      out[j] = self.store[int(i)]["patch"]
-    return out
+    return self.store.patches(indices)
 
   def extra_validation(self, variables, cases, config) -> dict:
     """Candidate-level F1 of the validation candidates (``evaluation.validate``'s hook)."""

@@ -246,12 +246,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--per", default="image", choices=PER,
                  help="adapt per image (the seed) or once per domain (all the given images)")
-  p.add_argument("--threshold", type=float, default=None,
-                 help="score threshold (default: the checkpoint's F1-best one)")
-  p.add_argument("--spacing_um", "--spacing-um", type=float, default=None,
-                 help="microns per pixel (overrides the TIFF resolution tags)")
-  p.add_argument("--formats", default="json",
-                 help=f"comma-separated subset of {','.join(predict.FORMATS)} (default json)")
+  predict.add_output_arguments(p)
   p.add_argument("--checkpoint", default="best", choices=predict.CHECKPOINTS)
   return p
 

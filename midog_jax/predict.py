@@ -353,6 +353,17 @@ def predict_images(workdir: str | os.PathLike | Sequence[str | os.PathLike],
 # Command line.
 
 
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+  """--threshold, --spacing_um and --formats: how detections become output files
+  (shared by every program that writes predict's outputs: predict, adapt)."""
+  p.add_argument("--threshold", type=float, default=None,
+                 help="score threshold (default: the checkpoint's F1-best one)")
+  p.add_argument("--spacing_um", "--spacing-um", type=float, default=None,
+                 help="microns per pixel (overrides the TIFF resolution tags)")
+  p.add_argument("--formats", default="json",
+                 help=f"comma-separated subset of {','.join(FORMATS)} (default json)")
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m midog_jax.predict",
@@ -363,12 +374,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--images", required=True, nargs="+",
                  help="TIFF files and/or folders of *.tif/*.tiff")
   p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--threshold", type=float, default=None,
-                 help="score threshold (default: the checkpoint's F1-best one)")
-  p.add_argument("--spacing_um", "--spacing-um", type=float, default=None,
-                 help="microns per pixel (overrides the TIFF resolution tags)")
-  p.add_argument("--formats", default="json",
-                 help=f"comma-separated subset of {','.join(FORMATS)} (default json)")
+  add_output_arguments(p)
   p.add_argument("--overlays", action="store_true",
                  help="also write <stem>.png with the detections drawn")
   p.add_argument("--exact_rotation", "--exact-rotation", action="store_true",

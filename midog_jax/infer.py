@@ -126,6 +126,27 @@ class _Tiles:
         yield pending[0], pending[1].result()
 
 
+def image_reader(source) -> tuple[int, int, Callable[[int, int, int, int], np.ndarray]]:
+  """(width, height, read(x, y, w, h)) of a whole image, white beyond its border.
+
+  ``source``: an (H, W, 3) uint8 array, a ``slides.Slide`` (or anything with
+  its ``width``, ``height`` and ``read``, such as ``tta.View``), or a path.
+  """
+  if isinstance(source, np.ndarray):
+    h, w = source.shape[:2]
+
+    def read(x, y, tw, th):
+      out = np.full((th, tw, 3), 255, np.uint8)
+      xs, ys, xe, ye = max(x, 0), max(y, 0), min(x + tw, w), min(y + th, h)
+      if xe > xs and ye > ys:
+        out[ys - y:ye - y, xs - x:xe - x] = source[ys:ye, xs:xe]
+      return out
+
+    return w, h, read
+  slide = source if hasattr(source, "read") else slides_lib.Slide(source)
+  return slide.width, slide.height, slide.read
+
+
 def detect(source, tile_fn: TileFn, variables, cfg: TileConfig, mesh=None) -> Detections:
   """Detections on one whole image.
 
@@ -139,20 +160,7 @@ def detect(source, tile_fn: TileFn, variables, cfg: TileConfig, mesh=None) -> De
     cfg: tiling settings.
     mesh: device mesh (default: this process's devices, ``local_mesh``).
   """
-  if isinstance(source, np.ndarray):
-    arr = source
-    h, w = arr.shape[:2]
-
-    def read(x, y, tw, th):
-      out = np.full((th, tw, 3), 255, np.uint8)
-      xs, ys = max(x, 0), max(y, 0)
-      xe, ye = min(x + tw, w), min(y + th, h)
-      out[ys - y:ye - y, xs - x:xe - x] = arr[ys:ye, xs:xe]
-      return out
-  else:
-    # A slide, or anything read like one (``tta.View``); else a path.
-    slide = source if hasattr(source, "read") else slides_lib.Slide(source)
-    w, h, read = slide.width, slide.height, slide.read
+  w, h, read = image_reader(source)
   mesh = mesh if mesh is not None else parallel.local_mesh()
   n_dev = mesh.devices.size
   if cfg.tile_batch % n_dev:

@@ -25,7 +25,6 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from midog_jax import infer
-from midog_jax.data import slides as slides_lib
 from midog_jax.detections import Detections
 
 # (quarter turns k, flip first) of the eight views; the identity first.
@@ -75,22 +74,6 @@ class View:
     return np.ascontiguousarray(np.rot90(arr, self.k))
 
 
-def _reader(source):
-  if isinstance(source, np.ndarray):
-    h, w = source.shape[:2]
-
-    def read(x, y, tw, th):
-      out = np.full((th, tw, 3), 255, np.uint8)
-      xs, ys, xe, ye = max(x, 0), max(y, 0), min(x + tw, w), min(y + th, h)
-      if xe > xs and ye > ys:
-        out[ys - y:ye - y, xs - x:xe - x] = source[ys:ye, xs:xe]
-      return out
-
-    return w, h, read
-  slide = source if hasattr(source, "read") else slides_lib.Slide(source)
-  return slide.width, slide.height, slide.read
-
-
 def merge_views(views: list[Detections], radius: float) -> Detections:
   """One detection per figure from the views' detections (original coordinates)."""
   n = len(views)
@@ -130,7 +113,7 @@ def detect(source, tile_fn, variables, cfg: infer.TileConfig, mesh=None,
   ``radius`` (px) joins the views' detections of one figure; default: the
   tiling's ``merge_radius`` (at least 1 px).
   """
-  w, h, read = _reader(source)
+  w, h, read = infer.image_reader(source)
   radius = max(cfg.merge_radius, 1.0) if radius is None else radius
   views = []
   for k, flip in D4:

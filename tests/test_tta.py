@@ -22,7 +22,7 @@ def _reference_view(image: np.ndarray, k: int, flip: bool) -> np.ndarray:
 def test_a_view_reads_the_turned_image_region_by_region(k, flip):
   rng = np.random.default_rng(k + 4 * flip)
   image = rng.integers(0, 255, (13, 17, 3), np.uint8)
-  view = tta.View(17, 13, tta._reader(image)[2], k, flip)
+  view = tta.View(17, 13, infer.image_reader(image)[2], k, flip)
   want = _reference_view(image, k, flip)
   assert (view.height, view.width) == want.shape[:2]
   # Inside, across the border and wholly outside (white, as slides pad).
@@ -38,7 +38,7 @@ def test_a_view_reads_the_turned_image_region_by_region(k, flip):
 def test_points_follow_the_pixels_into_a_view_and_back(k, flip):
   image = np.zeros((13, 17, 3), np.uint8)
   image[4, 11] = 200  # pixel (x, y) = (11, 4)
-  view = tta.View(17, 13, tta._reader(image)[2], k, flip)
+  view = tta.View(17, 13, infer.image_reader(image)[2], k, flip)
   turned = _reference_view(image, k, flip)
   (yv, xv), = np.argwhere(turned[..., 0] == 200)
   np.testing.assert_array_equal(view.to_view([[11, 4]]), [[xv, yv]])

@@ -26,7 +26,7 @@ LAYERS = (
     ("data", "models", "candidates"),            # cases, pixels, pure Flax modules
     ("weights",),                                # torchvision weights -> models
     ("detectors", "image_level"),                # one interface, one module each; image-level method
-    ("infer", "tta", "evaluate", "ensemble", "baselines"),  # whole images, scoring
+    ("infer", "tta", "evaluate", "curves", "ensemble", "baselines"),  # whole images, scoring
     ("export",),                                 # output formats
     ("evaluation",),                             # evaluating a detector
     ("train", "predict", "classify", "image_level.baseline", "adapt"),  # the loop; new images

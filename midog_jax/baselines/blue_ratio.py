@@ -43,7 +43,11 @@ def evaluate(data: str | Path, truth: str | Path | None = "auto",
   against its truth file when present) appears in ``per_domain`` only.
   """
   data = Path(data)
-  ann = data / "MIDOG.json" if data.is_dir() else data
+  if data.is_dir():
+    from midog_jax.data.experiment import find_annotations
+    ann = find_annotations(data)  # MIDOG.json or MIDOG++.json
+  else:
+    ann = data
   ds = midog.load_midog(ann)
   if truth == "auto":
     truth = ann.parent / TRUTH if (ann.parent / TRUTH).exists() else None

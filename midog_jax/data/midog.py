@@ -41,7 +41,10 @@ SCANNER_SPACING_UM = {
     "Aperio CS2": 0.25,
     "Leica GT450": 0.25,
     "3D Histech": 0.25,
+    "Zeiss Axioscan Z1": 0.22,  # an unseen scanner of the synthetic midog21 suite
 }
+# The csv's Dataset value of an image released without labels.
+UNLABELED_SPLIT = "unlabeled"
 # Spellings found in the published MIDOG++ metadata, mapped to one name.
 _SCANNER_ALIASES = {"Hamammatsu XR": "Hamamatsu XR"}
 # MIDOG++.json says "canine lymphosarcoma" where the CSV says "canine lymphoma".
@@ -227,7 +230,9 @@ def load_midog(annotations: str | os.PathLike, root: str | os.PathLike | None = 
     xvalidation_csv: MIDOG++ metadata CSV (default: looked up beside the JSON).
     check_images: raise if an image file is missing.
     domain_key: which metadata is the domain ("scanner", "tumor_type", "lab",
-      "species"); default scanner for MIDOG 2021, tumour type for MIDOG++.
+      "species"); default: the tumour type for a MIDOG++ file of several
+      tumour types, else the scanner (MIDOG 2021, and the synthetic midog21
+      suite's MIDOG++-format files of one tumour type).
     truth_file: the file holds labels of the unlabeled domain (a held-out
       truth file): every case in it counts as labelled.
 
@@ -240,7 +245,10 @@ def load_midog(annotations: str | os.PathLike, root: str | os.PathLike | None = 
   is_pp = any("tumor_type" in im for im in data["images"] if isinstance(im, dict))
   kind = "midogpp" if is_pp else "midog21"
   if domain_key is None:
-    domain_key = "tumor_type" if is_pp else "scanner"
+    # The domain is what varies: the tumour type in MIDOG++, the scanner in a
+    # MIDOG++-format file of one tumour type (the synthetic midog21 suite).
+    tumours = {im.get("tumor_type") for im in data["images"] if isinstance(im, dict)}
+    domain_key = "tumor_type" if is_pp and len(tumours) > 1 else "scanner"
   if domain_key not in DOMAIN_KEYS:
     raise ValueError(f"domain_key must be one of {DOMAIN_KEYS}, got {domain_key!r}")
 
@@ -326,8 +334,10 @@ def load_midog(annotations: str | os.PathLike, root: str | os.PathLike | None = 
               split="")
     if is_pp:
       md.update(meta.get(image_id, {}))
-      # MIDOG++ cases without metadata row are the unlabeled 2021 GT450 cases.
-      labeled = image_id in meta if meta else n_ann > 0
+      # MIDOG++ cases without metadata row are the unlabeled 2021 GT450 cases;
+      # a row whose Dataset is "unlabeled" marks one too (synthetic suites).
+      labeled = (image_id in meta and md["split"] != UNLABELED_SPLIT) if meta \
+          else n_ann > 0
     else:
       try:
         md["scanner"] = midog21_scanner(image_id)[0]

@@ -42,7 +42,7 @@ def test_loads_with_the_real_reader(tiny_dataset):
   assert all(len(v) >= 3 for v in truth.values())
   man = synthetic.read_manifest(tiny_dataset)
   assert man == {"preset": "tiny", "seed": 0, "n_images": 8,
-                 "ids": [1, 2, 51, 52, 101, 102, 151, 152], "scale": 1.0,
+                 "ids": [1, 2, 51, 52, 101, 102, 151, 152], "scale": 1.0, "positions": "random",
                  "generator_version": synthetic.GENERATOR_VERSION}
 
 
@@ -203,13 +203,27 @@ def test_midog21_real_positions_downscaled(real_midog_dir, tmp_path,
     assert t.pages[0].shape == (round(4620 * 0.1), round(6218 * 0.1), 3)
 
 
-def test_midog21_missing_shared_file(tmp_path, monkeypatch):
+def test_midog21_named_shared_file_missing_is_an_error(tmp_path, monkeypatch):
   monkeypatch.setenv("MIDOG_SHARED_DATA", str(tmp_path / "nowhere"))
-  # The repository is found from <repo>/midog_jax/data/synthetic/write.py.
-  monkeypatch.setattr(synthetic.write, "__file__",
-                      str(tmp_path / "a" / "b" / "c" / "d.py"))
   with pytest.raises(DataError, match="MIDOG_SHARED_DATA"):
     synthetic.generate(tmp_path / "out", preset="midog21", ids=[1])
+
+
+def test_midog21_without_shared_file_generates_positions(tmp_path, monkeypatch):
+  # A bare clone: no $MIDOG_SHARED_DATA, no ../shared beside the repository
+  # (found from <repo>/midog_jax/data/synthetic/write.py).
+  monkeypatch.delenv("MIDOG_SHARED_DATA", raising=False)
+  monkeypatch.setattr(synthetic.write, "__file__",
+                      str(tmp_path / "a" / "b" / "c" / "d.py"))
+  out = tmp_path / "out"
+  synthetic.generate(out, preset="midog21", ids=[2, 151], scale=0.08, workers=1)
+  assert synthetic.read_manifest(out)["positions"] == "generated"
+  ds = midog.load_midog(out / "MIDOG.json")
+  case = ds.by_id(2)
+  # The stand-in keeps the real XR region size and labels its figures.
+  assert (case.width, case.height) == (round(7215 * 0.08), round(5412 * 0.08))
+  assert len(case.mitoses) >= 1 and len(case.imposters) >= 1
+  assert not ds.by_id(151).labeled
 
 
 def test_blue_ratio_detect_size_filter():

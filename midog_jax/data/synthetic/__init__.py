@@ -33,7 +33,9 @@ Presets:
     real sizes, with figures at the REAL annotation positions (ids and boxes
     copied); the GT450 images get random figures written to the truth file.
     Found via ``$MIDOG_SHARED_DATA`` (folder or file) or
-    ``<repo>/../shared/data/midog/MIDOG.json``.
+    ``<repo>/../shared/data/midog/MIDOG.json``; where neither exists (a bare
+    clone, an installed package) the real region sizes with generated
+    positions at the real density (manifest ``positions``).
 Every preset has about 1.6 imposters per mitotic figure.
 
 Content: stroma (wavy eosin fibres), tumour epithelium (pink cytoplasm, dense
@@ -57,10 +59,24 @@ byte-identical JSON and identical pixels.
 Memory: images are rendered in 256-row bands (plus a blur margin) and streamed
 to tifffile's tile iterator, so a 7215x5412 image needs a few hundred MB.
 
-Modules: ``plan`` (scanner domains, presets, figure positions), ``fields``
-(smooth random fields and seeded random streams), ``cells`` (nucleus, mitosis
-and imposter templates), ``render`` (layout and Beer-Lambert bands) and
-``write`` (TIFFs, annotation files, manifest, ``generate`` and the CLI).
+Benchmark suites (issue 12; ``--suite midog21|midogpp --preset
+tiny|small|full``): data as hard as MIDOG in the ways the real data is hard:
+dense crowded tumour with fine texture, scanners and labs with a real colour
+shift (two scanners seen only at test time), seven tumour types, look-alikes
+that overlap with mitoses in appearance, atypical mitoses, two simulated
+raters and a tie-breaker per cell (label noise at the real agreement),
+artefacts (ink, pigment, debris, folds, blur, bubbles) and ROI types
+(hotspot, random, challenging). Written as ``train/`` + ``test/`` folders in
+the MIDOG++ format; see :mod:`.suites` and :mod:`.suite_write`. The legacy
+presets above render exactly as before.
+
+Modules: ``plan`` (scanner domains, tissue looks, presets, figure positions),
+``fields`` (smooth random fields and seeded random streams), ``cells``
+(nucleus, mitosis and imposter templates), ``artefacts``, ``render`` (layout
+and Beer-Lambert bands), ``write`` (TIFFs, annotation files, manifest,
+``generate`` and the CLI), ``suites`` (the suites' domains and plans),
+``raters`` (the label-noise model), ``suite_write`` (writing a suite) and
+``stats`` (tissue coverage and high-frequency energy).
 """
 
 from __future__ import annotations

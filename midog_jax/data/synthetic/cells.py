@@ -12,7 +12,6 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from midog_jax.data import midog
 from midog_jax.data.synthetic.plan import Figure
 
 
@@ -85,9 +84,12 @@ def _pack(dh, emul, eadd=None) -> np.ndarray:
 
 
 def normal_nucleus(rng, sp: float, dark: bool = False,
-                   fibroblast: bool = False) -> np.ndarray:
-  """Interphase nucleus: pale-to-medium chromatin, texture, rim, nucleoli."""
-  X, Y = _grid(7.5, sp)
+                   fibroblast: bool = False, scale: float = 1.0) -> np.ndarray:
+  """Interphase nucleus: pale-to-medium chromatin, texture, rim, nucleoli.
+
+  ``scale`` multiplies the nucleus size (tumour types differ in it).
+  """
+  X, Y = _grid(7.5 * max(scale, 1.0), sp)
   theta = rng.uniform(0, np.pi)
   if fibroblast:
     a, b = rng.uniform(4.5, 7.0), rng.uniform(0.9, 1.4)
@@ -96,6 +98,7 @@ def normal_nucleus(rng, sp: float, dark: bool = False,
     a = rng.uniform(3.0, 5.0)
     b = a * rng.uniform(0.65, 0.95)
     base = rng.uniform(1.0, 1.4) if dark else rng.uniform(0.42, 0.8)
+  a, b = a * scale, b * scale
   m = _ellipse(X, Y, 0, 0, a, b, theta, rng, wobble=0.04, edge=0.3)
   tex = _texture(rng, X.shape, 0.35 / sp)
   inner = _ellipse(X, Y, 0, 0, max(a - 0.6, 0.3), max(b - 0.6, 0.3), theta)
@@ -109,13 +112,30 @@ def normal_nucleus(rng, sp: float, dark: bool = False,
   return _pack(m * np.maximum(dens, 0), 1 - 0.55 * m)
 
 
-def mitotic_figure(rng, sp: float, kind: str) -> np.ndarray:
-  """A mitosis of the given phase, with a clear cytoplasm halo."""
+def _ambiguity_mitosis(likeness: float | None) -> float:
+  """0 for an unmistakable mitosis (likeness 1), 1 at likeness <= 0.5."""
+  return 0.0 if likeness is None else float(np.clip(2.0 * (1.0 - likeness), 0.0, 1.0))
+
+
+def _ambiguity_lookalike(likeness: float | None) -> float:
+  """0 for an unmistakable look-alike (likeness 0), 1 at likeness >= 0.5."""
+  return 0.0 if likeness is None else float(np.clip(2.0 * likeness, 0.0, 1.0))
+
+
+def mitotic_figure(rng, sp: float, kind: str, likeness: float | None = None
+                   ) -> np.ndarray:
+  """A mitosis of the given phase, with a clear cytoplasm halo.
+
+  ``likeness`` below 1 makes it less typical: thicker smoother chromatin,
+  less texture, a fainter halo, lower density (towards what a look-alike of
+  likeness 0.5 looks like; see :func:`imposter`). None: the legacy look.
+  """
+  amb = _ambiguity_mitosis(likeness)
   X, Y = _grid(11.0, sp)
   theta = rng.uniform(0, np.pi)
   perp = theta + np.pi / 2  # plate axis = theta; spindle axis = perp
   peak = rng.uniform(1.6, 2.6)
-  w = rng.uniform(0.22, 0.3)  # chromosome arm half-width (sigma, um)
+  w = rng.uniform(0.22, 0.3) * (1.0 + 1.2 * amb)  # arm half-width (sigma, um)
   ct, st, cp, spp = math.cos(theta), math.sin(theta), math.cos(perp), math.sin(perp)
   if kind == "prophase":
     r = rng.uniform(3.8, 5.0)
@@ -165,17 +185,75 @@ def mitotic_figure(rng, sp: float, kind: str) -> np.ndarray:
       rh = rng.uniform(3.6, 4.6)
       halo = np.maximum(halo, _ellipse(X, Y, ox * 1.1, oy * 1.1, rh, rh, 0.0,
                                        rng, 0.05, edge=0.5))
+  elif kind == "atypical":
+    # Atypical mitosis: a tripolar division (three chromatin masses) or an
+    # anaphase with a lagging chromosome bridge.
+    chrom = np.zeros_like(X)
+    tripolar = rng.uniform() < 0.5
+    n_poles = 3 if tripolar else 2
+    sep = rng.uniform(3.0, 4.5)
+    for j in range(n_poles):
+      ang = theta + 2 * np.pi * j / n_poles + rng.normal(0, 0.2)
+      ox, oy = sep * math.cos(ang), sep * math.sin(ang)
+      k = int(rng.integers(10, 18))
+      cen = np.stack([ox + rng.normal(0, 0.9, k), oy + rng.normal(0, 0.9, k)], 1)
+      p0, p1 = _chromosomes(rng, cen, rng.uniform(0, 2 * np.pi, k), 0.5, 1.3, 0.8)
+      core = _ellipse(X, Y, ox, oy, rng.uniform(1.4, 2.2), rng.uniform(0.8, 1.3),
+                      ang + np.pi / 2, rng, 0.1)
+      chrom = np.maximum(chrom, np.maximum(_strokes(X, Y, p0, p1, w), 0.8 * core))
+    if not tripolar:  # lagging chromatin between the two masses
+      t = rng.uniform(-0.5, 0.5, 6)[:, None]
+      lag = np.stack([np.cos(theta) * sep * t[:, 0], np.sin(theta) * sep * t[:, 0]], 1)
+      p0, p1 = _chromosomes(rng, lag, np.full(6, theta), 0.4, 1.0, 0.6)
+      chrom = np.maximum(chrom, 0.9 * _strokes(X, Y, p0, p1, w))
+    r = sep + rng.uniform(2.5, 3.5)
+    halo = _ellipse(X, Y, 0, 0, r, r * rng.uniform(0.8, 1.0), theta, rng, 0.05, edge=0.5)
   else:
     raise ValueError(f"unknown mitosis kind {kind!r}")
   # Granular chromatin: dark clumps and threads over a darker body.
   tex = _texture(rng, X.shape, 0.3 / sp)
-  dh = peak * chrom * (1 + 0.12 * tex)
-  emul = 1 - rng.uniform(0.45, 0.9) * halo
+  if amb:
+    # Less typical: chromatin smoothed into a blob, fainter and less textured.
+    chrom = ndimage.gaussian_filter(chrom, 0.5 * amb / sp)
+    chrom /= max(float(chrom.max()), 1e-6)
+    peak *= 1.0 - 0.2 * amb
+  dh = peak * chrom * (1 + 0.12 * (1 - 0.6 * amb) * tex)
+  emul = 1 - rng.uniform(0.45, 0.9) * (1 - 0.75 * amb) * halo
   return _pack(np.maximum(dh, 0), emul)
 
 
-def imposter(rng, sp: float, kind: str) -> np.ndarray:
-  """A mitosis look-alike: as dark, but smooth and round."""
+def imposter(rng, sp: float, kind: str, likeness: float | None = None) -> np.ndarray:
+  """A mitosis look-alike: as dark, but smooth and round.
+
+  ``likeness`` above 0 makes it more mitosis-like: clumped, thread-like
+  chromatin over the body and a clear halo (see :func:`_mitosis_like`).
+  None: the legacy look.
+  """
+  tpl = _imposter(rng, sp, kind)
+  v = _ambiguity_lookalike(likeness)
+  return _mitosis_like(rng, sp, tpl, v) if v else tpl
+
+
+def _mitosis_like(rng, sp: float, tpl: np.ndarray, v: float) -> np.ndarray:
+  """Adds granular chromatin threads and a halo of strength ``v`` to a look-alike."""
+  X, Y = _grid(9.0, sp)
+  dh, emul, eadd = tpl
+  body = dh > 0.3 * max(float(dh.max()), 1e-6)
+  r = max(2.0, math.sqrt(float(body.sum())) * sp / 1.77)  # equivalent radius, um
+  k = int(15 + 20 * v)
+  rad, ang = r * np.sqrt(rng.uniform(0, 1, k)), rng.uniform(0, 2 * np.pi, k)
+  cen = np.stack([rad * np.cos(ang), rad * np.sin(ang)], 1)
+  p0, p1 = _chromosomes(rng, cen, rng.uniform(0, 2 * np.pi, k), 0.5, 1.3, 0.9)
+  threads = _strokes(X, Y, p0, p1, rng.uniform(0.24, 0.32))
+  peak = float(dh.max())
+  dh = np.maximum(dh * (1 - 0.35 * v), 0.9 * v * peak * threads)
+  halo = _ellipse(X, Y, 0, 0, r + 2.5, r + 2.5, 0.0, rng, 0.05, edge=0.5)
+  emul = np.minimum(emul, 1 - 0.6 * v * halo)
+  eadd = eadd * (1 - v)
+  return np.stack([dh, emul, eadd]).astype(np.float32)
+
+
+def _imposter(rng, sp: float, kind: str) -> np.ndarray:
   X, Y = _grid(9.0, sp)
   if kind == "apoptotic":
     peak = rng.uniform(2.0, 2.6)
@@ -219,8 +297,16 @@ def imposter(rng, sp: float, kind: str) -> np.ndarray:
   raise ValueError(f"unknown imposter kind {kind!r}")
 
 
+MITOTIC_KINDS = ("prophase", "metaphase", "anaphase", "telophase", "atypical")
+
+
 def figure_template(rng, sp: float, fig: Figure) -> np.ndarray:
-  """Template of an annotated figure (mitosis or imposter)."""
-  if fig.category == midog.MITOSIS:
-    return mitotic_figure(rng, sp, fig.kind)
-  return imposter(rng, sp, fig.kind)
+  """Template of an annotated figure (mitosis or imposter).
+
+  The morphology follows the figure's kind, not its category: in the
+  benchmark suites the category is the raters' consensus, which may call an
+  ambiguous mitosis a look-alike or the other way round.
+  """
+  if fig.kind in MITOTIC_KINDS:
+    return mitotic_figure(rng, sp, fig.kind, fig.likeness)
+  return imposter(rng, sp, fig.kind, fig.likeness)

@@ -32,7 +32,8 @@ _G_EPI, _G_STROMA, _G_HBG, _G_PHASE1, _G_PHASE2, _G_MIX, _G_PATCH = range(7)
 
 
 def _raw_fields(seed: int, image_id: int, width: int, height: int,
-                sp: float) -> tuple[np.ndarray, float, float]:
+                sp: float, lumen_q: float = 0.12, epi_q: float = 0.40
+                ) -> tuple[np.ndarray, float, float]:
   """Standardised smooth noise fields on the 8 px grid, and the thresholds.
 
   Each field is drawn on a grid coarse enough for its correlation length
@@ -54,8 +55,9 @@ def _raw_fields(seed: int, image_id: int, width: int, height: int,
     f -= f.mean()
     f /= f.std() + 1e-6
     fields[i] = f
-  lumen_thr = float(np.quantile(fields[_F_TISSUE], 0.12))
-  epi_thr = float(np.quantile(fields[_F_EPI], 0.40))
+  # The quantiles set how much of the image is glass and how much stroma.
+  lumen_thr = float(np.quantile(fields[_F_TISSUE], lumen_q))
+  epi_thr = float(np.quantile(fields[_F_EPI], epi_q))
   return fields, lumen_thr, epi_thr
 
 

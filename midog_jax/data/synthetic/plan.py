@@ -43,6 +43,13 @@ class Domain:
   noise: float  # sensor noise std (intensity units)
   jpeg_quality: int
   jpeg_mode: str  # "ycbcr420", "ycbcr444" or "rgb" (JPEG colour space)
+  # Colour response of the camera, applied to intensities in [0, 1] after
+  # Beer-Lambert: a per-channel gamma, then a 3x3 mixing (saturation and
+  # crosstalk). The legacy presets use the identity.
+  gamma: tuple[float, float, float] = (1.0, 1.0, 1.0)
+  saturation: float = 1.0
+  lab: str = "UMC Utrecht"
+  species: str = "Human"
 
 
 DOMAINS = (
@@ -57,12 +64,49 @@ DOMAINS = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Tissue:
+  """How a tumour type looks: cell size, crowding, stroma, special features.
+
+  ``LEGACY`` reproduces the presets ``tiny``/``small``/``midog21`` exactly;
+  the benchmark suites use denser, more textured looks (issue 12).
+  """
+
+  name: str = "legacy"
+  nucleus_um: float = 1.0  # nucleus size multiplier
+  grid_um: float = 10.5  # spacing of the jittered nucleus grid
+  lumen_q: float = 0.12  # quantile of the tissue field that is glass/lumen
+  epi_q: float = 0.40  # quantile of the epithelium field that is stroma
+  keep_epi: float = 0.92  # nucleus keep probability in epithelium / stroma
+  keep_stroma: float = 0.22
+  dark_fraction: float = 0.12  # share of darker interphase nuclei
+  spindle: float = 0.0  # extra share of spindle nuclei in tumour
+  hbg: float = 0.06  # background hematoxylin of tissue
+  eosin: float = 0.5  # eosin density of tumour cytoplasm
+  fine_grain: float = 0.0  # 1-2 px chromatin/cytoplasm texture amplitude
+  granules: float = 0.0  # mast-cell cytoplasm granules (purple dots) per nucleus
+  melanin: float = 0.0  # melanin granule clusters per 100x100 um
+  jitter: float = 0.3  # grid jitter (fraction of the grid step)
+
+
+LEGACY = Tissue()
+
+
 def domain_of(image_id: int) -> Domain:
   """The synthetic scanner of an image id (MIDOG 2021 id ranges)."""
   for d in reversed(DOMAINS):
     if image_id >= d.first_id:
       return d
   raise ValueError(f"image id {image_id} is below 1")
+
+
+def plan_domain(plan: "Plan") -> Domain:
+  """The scanner of a planned image (suites carry it; legacy: by id range)."""
+  return plan.domain if plan.domain is not None else domain_of(plan.image_id)
+
+
+def plan_tissue(plan: "Plan") -> Tissue:
+  return plan.tissue if plan.tissue is not None else LEGACY
 
 
 # ----------------------------------------------------------------------------
@@ -79,6 +123,11 @@ class Figure:
   kind: str
   bbox: tuple | None = None  # real box (midog21); None -> 50x50 around (x, y)
   ann_id: int | None = None  # real annotation id (midog21)
+  # Benchmark suites: how mitosis-like the cell looks (1 = unmistakable
+  # mitosis, 0 = unmistakable look-alike; None = the legacy appearance) and
+  # the simulated raters' votes in the MIDOG++ ``labels`` format.
+  likeness: float | None = None
+  votes: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +139,26 @@ class Plan:
   width: int
   height: int
   figures: tuple[Figure, ...]
+  # Benchmark suites carry their scanner, tissue look, ROI type and artefacts;
+  # the legacy presets leave them None (scanner by id range, legacy look).
+  domain: Domain | None = None
+  tissue: "Tissue | None" = None
+  roi_type: str = ""
+  artefacts: tuple = ()
 
 
 def _random_figures(rng: np.random.Generator, seed: int, image_id: int,
-                    width: int, height: int, n_mit: int, n_imp: int
+                    width: int, height: int, n_mit: int, n_imp: int,
+                    spacing_um: float | None = None, tissue: Tissue = LEGACY
                     ) -> list[tuple[int, int, int]]:
   """Centres at least MIN_SEP_PX apart and 40 px from the border.
 
   Figures go where the image's own fields put tumour epithelium (as in real
   tissue); a figure that finds no room there after many tries goes anywhere.
   """
-  fields, lumen_thr, epi_thr = _raw_fields(seed, image_id, width, height,
-                                           domain_of(image_id).spacing_um)
+  sp = spacing_um if spacing_um is not None else domain_of(image_id).spacing_um
+  fields, lumen_thr, epi_thr = _raw_fields(seed, image_id, width, height, sp,
+                                           tissue.lumen_q, tissue.epi_q)
   pts: list[tuple[int, int, int]] = []
   cats = [midog.MITOSIS] * n_mit + [midog.IMPOSTER] * n_imp
   cats = [cats[i] for i in rng.permutation(len(cats))]
@@ -141,6 +198,29 @@ def preset_ids(preset: str, real: dict | None = None) -> list[int]:
   raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
 
 
+# Region sizes of the real MIDOG 2021 scanners (mean, +- spread), from MIDOG.json.
+_MIDOG21_SIZES = {1: (7215, 5412, 0), 51: (7120, 5335, 40), 101: (6475, 4845, 30),
+                  151: (6205, 4665, 30)}
+
+
+def standin_midog21(seed: int) -> dict:
+  """A stand-in for the real ``MIDOG.json`` where it is not at hand.
+
+  The 200 ids, the scanners' region sizes, and no annotations: with
+  ``generated`` set, :func:`plan_image` draws figures at random positions at
+  the real density, so ``--preset midog21`` works from a bare clone.
+  """
+  images = []
+  for d in DOMAINS:
+    w, h, spread = _MIDOG21_SIZES[d.first_id]
+    for i in range(50):
+      rng = _rng(seed, d.first_id + i, 30)
+      images.append({"id": d.first_id + i, "file_name": f"{d.first_id + i:03d}.tiff",
+                     "width": w + int(rng.integers(-spread, spread + 1)),
+                     "height": h + int(rng.integers(-spread, spread + 1))})
+  return {"images": images, "annotations": [], "generated": True}
+
+
 def plan_image(preset: str, seed: int, image_id: int, real: dict | None = None,
                scale: float = 1.0) -> Plan:
   """Size and figures of one image (deterministic in preset, seed, id)."""
@@ -169,9 +249,10 @@ def plan_image(preset: str, seed: int, image_id: int, real: dict | None = None,
       box = tuple(a["bbox"]) if scale == 1.0 else None
       figures.append(Figure(cx, cy, a["category_id"],
                             _kind(rng, a["category_id"]), box, a["id"]))
-  elif not domain_of(image_id).labeled:
-    # The real GT450 cases have no labels: random figures at the real
-    # labelled images' average density (11.5 mitoses, 18 imposters).
+  elif not domain_of(image_id).labeled or real.get("generated"):
+    # The real GT450 cases have no labels (and a stand-in has no positions):
+    # random figures at the real labelled images' average density (11.5
+    # mitoses, 18 imposters).
     n_mit = max(1, int(rng.poisson(11.5 * scale ** 2)))
     for x, y, cat in _random_figures(rng, seed, image_id, width, height, n_mit,
                                      _n_imposters(rng, n_mit)):

@@ -23,7 +23,9 @@ from midog_jax.data.synthetic.fields import (
     _F_WARP2, _G_EPI, _G_HBG, _G_MIX, _G_PATCH, _G_PHASE1, _G_PHASE2,
     _G_STROMA, _PAD, _epi, _hash_uniform, _interp, _interp_points, _raw_fields,
     _rng, _tissue)
-from midog_jax.data.synthetic.plan import Domain, Plan, domain_of
+from midog_jax.data.synthetic import artefacts
+from midog_jax.data.synthetic.plan import (Domain, Plan, Tissue, plan_domain,
+                                           plan_tissue)
 
 TILE = 256
 
@@ -47,12 +49,15 @@ class Layout:
   stamps: list  # (cx, cy, template (3, P, P))
   stamp_y0: np.ndarray  # first row of each stamp, sorted ascending
   stamp_y1: np.ndarray
+  tissue: Tissue
 
 
 def _make_fields(plan: Plan, dom: Domain, ctr: np.ndarray) -> tuple[np.ndarray,
                                                                     float, float]:
+  tis = plan_tissue(plan)
   fields, lumen_thr, epi_thr = _raw_fields(plan.seed, plan.image_id, plan.width,
-                                           plan.height, dom.spacing_um)
+                                           plan.height, dom.spacing_um,
+                                           tis.lumen_q, tis.epi_q)
   _, gh, gw = fields.shape
   if len(ctr):
     # Figures sit in tissue, in epithelium (real positions may fall anywhere
@@ -76,7 +81,8 @@ def _make_fields(plan: Plan, dom: Domain, ctr: np.ndarray) -> tuple[np.ndarray,
 
 def build_layout(plan: Plan) -> Layout:
   """Fields, stain parameters and all cell stamps of one image."""
-  dom = domain_of(plan.image_id)
+  dom = plan_domain(plan)
+  tis = plan_tissue(plan)
   sp = dom.spacing_um
   ctr = np.array([(f.x, f.y) for f in plan.figures], np.float64).reshape(-1, 2)
   fields, lumen_thr, epi_thr = _make_fields(plan, dom, ctr)
@@ -95,27 +101,29 @@ def build_layout(plan: Plan) -> Layout:
   # Normal nuclei on a jittered grid, thinned by tissue type, kept clear of
   # the figures so that each annotated cell stands on its own.
   nrng = _rng(plan.seed, plan.image_id, 3)
-  g = 10.5 / sp
+  g = tis.grid_um / sp
   gy, gx = np.mgrid[-0.5:plan.height / g + 0.5, -0.5:plan.width / g + 0.5]
-  px = (gx.ravel() + nrng.uniform(-0.3, 0.3, gx.size)) * g
-  py = (gy.ravel() + nrng.uniform(-0.3, 0.3, gy.size)) * g
+  px = (gx.ravel() + nrng.uniform(-tis.jitter, tis.jitter, gx.size)) * g
+  py = (gy.ravel() + nrng.uniform(-tis.jitter, tis.jitter, gy.size)) * g
   f = _interp_points(fields, px, py)
   t = _tissue(f[_F_TISSUE], lumen_thr)
   e = _epi(f[_F_EPI], epi_thr)
-  keep_p = t * (0.92 * e + 0.22 * (1 - e))
+  keep_p = t * (tis.keep_epi * e + tis.keep_stroma * (1 - e))
   keep = nrng.uniform(0, 1, px.size) < keep_p
   if len(ctr):
     d, _ = cKDTree(ctr).query(np.stack([px, py], 1))
     keep &= d > 8.5 / sp
   px, py, e = px[keep], py[keep], e[keep]
-  is_fib = nrng.uniform(0, 1, px.size) > e
-  is_dark = (~is_fib) & (nrng.uniform(0, 1, px.size) < 0.12)
+  # Spindle-cell tumours (sarcomas) have spindle nuclei in the tumour too.
+  is_fib = nrng.uniform(0, 1, px.size) > e * (1 - tis.spindle)
+  is_dark = (~is_fib) & (nrng.uniform(0, 1, px.size) < tis.dark_fraction)
 
   trng = _rng(plan.seed, plan.image_id, 4)
   n_t = 24
   bank = {
-      "epi": [normal_nucleus(trng, sp) for _ in range(2 * n_t)],
-      "dark": [normal_nucleus(trng, sp, dark=True) for _ in range(n_t // 2)],
+      "epi": [normal_nucleus(trng, sp, scale=tis.nucleus_um) for _ in range(2 * n_t)],
+      "dark": [normal_nucleus(trng, sp, dark=True, scale=tis.nucleus_um)
+               for _ in range(n_t // 2)],
       "fib": [normal_nucleus(trng, sp, fibroblast=True) for _ in range(n_t)],
   }
   stamps = []
@@ -141,7 +149,7 @@ def build_layout(plan: Plan) -> Layout:
   maps = np.stack([
       t * e * dens,  # weight of epithelial cytoplasm eosin
       t * (1 - e) * dens,  # weight of stroma eosin
-      t * (0.06 + 0.02 * fields[_F_HBG] + 0.04 * e),  # background hematoxylin
+      t * (tis.hbg + 0.02 * fields[_F_HBG] + 0.04 * e),  # background hematoxylin
       10.0 * fields[_F_WARP1],  # fibre phase warps (radians)
       10.0 * fields[_F_WARP2],
       _sigmoid(2.0 * fields[_F_MIX]),  # blend of the two fibre families
@@ -149,7 +157,7 @@ def build_layout(plan: Plan) -> Layout:
   ]).astype(np.float32)
   return Layout(plan, dom, fields, maps, lumen_thr, epi_thr, h_vec.astype(np.float32),
                 e_vec.astype(np.float32), h_scale, e_scale, angles, period, stamps,
-                y0, y1)
+                y0, y1, tis)
 
 
 def _stamp(h, emul, eadd, ya: int, cx: int, cy: int, tpl: np.ndarray) -> None:
@@ -175,7 +183,12 @@ def render_band(lay: Layout, y0: int, y1: int) -> np.ndarray:
   """
   dom, plan = lay.domain, lay.plan
   width = plan.width
-  m = int(math.ceil(4 * dom.blur_px)) + 1  # blur margin
+  tis = lay.tissue
+  arts = plan.artefacts
+  blur = dom.blur_px
+  if any(a.kind == "focus" for a in arts):
+    blur = math.hypot(blur, artefacts.FOCUS_SIGMA_PX)
+  m = int(math.ceil(4 * blur)) + 1  # blur margin
   gm = 4  # margin of the grain filter
   ya, yb = y0 - m, y1 + m
   ys = np.arange(ya, yb)
@@ -206,8 +219,12 @@ def render_band(lay: Layout, y0: int, y1: int) -> np.ndarray:
   eo += 0.45
   eo *= 1 + 0.12 * grain
   eo *= g[_G_STROMA]
-  eo += g[_G_EPI] * (0.5 + 0.03 * grain)
+  eo += g[_G_EPI] * (tis.eosin + 0.03 * grain)
   he = g[_G_HBG] * (1 + 0.2 * grain)
+  if tis.granules:
+    # Mast-cell granules: sparse purple dots in the tumour cells' cytoplasm.
+    dots = _hash_uniform(ys, np.arange(width), key ^ 0x5BD1E995) > 0.95
+    he += np.float32(0.5 * tis.granules) * dots * g[_G_EPI]
   del g, grain
   emul = np.ones_like(he)
   eadd = np.zeros_like(he)
@@ -222,18 +239,51 @@ def render_band(lay: Layout, y0: int, y1: int) -> np.ndarray:
     _stamp(he, emul, eadd, ya, cx, cy, tpl)
   eo *= emul
   eo += eadd
+  if tis.fine_grain:
+    # Chromatin and cytoplasm texture at the 1-2 px scale (real tissue's
+    # high-frequency energy); unit-variance white noise per pixel.
+    xs_i = np.arange(width)
+    fine = _hash_uniform(ys, xs_i, key ^ 0x27D4EB2F)
+    fine -= 0.5
+    fine *= np.float32(3.4641 * tis.fine_grain)
+    fine += 1.0
+    he *= fine
+    fine = _hash_uniform(ys, xs_i, key ^ 0x165667B1)
+    fine -= 0.5
+    fine *= np.float32(3.4641 * 0.5 * tis.fine_grain)
+    fine += 1.0
+    eo *= fine
+    del fine
+  extra, focus = artefacts.apply_band(arts, ya, yb, width, he, eo) if arts else (None, None)
   np.maximum(he, 0, out=he)
   np.maximum(eo, 0, out=eo)
   he *= np.float32(lay.h_scale)
   eo *= np.float32(lay.e_scale)
   od = he[..., None] * lay.h_vec
   od += eo[..., None] * lay.e_vec
+  if extra is not None:
+    od += extra
   od += np.float32(0.01)
   np.negative(od, out=od)
   rgb = np.exp(od, out=od)
   rgb *= np.asarray(dom.white, np.float32)
   rgb = ndimage.gaussian_filter(rgb, (dom.blur_px, dom.blur_px, 0), mode="nearest")
+  if focus is not None:
+    s2 = artefacts.FOCUS_SIGMA_PX
+    rgb += focus[..., None] * (ndimage.gaussian_filter(rgb, (s2, s2, 0), mode="nearest")
+                               - rgb)
   rgb = rgb[m:m + (y1 - y0)]
+  if dom.gamma != (1.0, 1.0, 1.0) or dom.saturation != 1.0:
+    # The camera's colour response: per-channel gamma, then saturation.
+    white = np.float32(255.0)
+    np.maximum(rgb, 0, out=rgb)
+    rgb /= white
+    rgb **= np.asarray(dom.gamma, np.float32)
+    grey = rgb.mean(-1, keepdims=True)
+    rgb -= grey
+    rgb *= np.float32(dom.saturation)
+    rgb += grey
+    rgb *= white
   nrng = _rng(plan.seed, plan.image_id, 7, y0)
   rgb += nrng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(dom.noise)
   np.rint(rgb, out=rgb)

@@ -15,8 +15,8 @@ import numpy as np
 import tifffile
 
 from midog_jax.data import midog
-from midog_jax.data.synthetic.plan import (PRESETS, Figure, Plan, domain_of,
-                                           plan_image, preset_ids)
+from midog_jax.data.synthetic.plan import (PRESETS, Figure, Plan, domain_of, plan_domain,
+                                           plan_image, preset_ids, standin_midog21)
 from midog_jax.data.synthetic.render import TILE, render_image
 from midog_jax.errors import DataError
 from midog_jax.fileio import atomic_output, atomic_path
@@ -29,7 +29,7 @@ BOX = 50  # bbox side in px, as in the real release
 
 def write_tiff(path: Path, plan: Plan) -> None:
   """Renders ``plan`` band by band into a tiled JPEG TIFF (atomic)."""
-  dom = domain_of(plan.image_id)
+  dom = plan_domain(plan)
 
   def tiles():
     for band in render_image(plan):
@@ -56,22 +56,27 @@ def write_tiff(path: Path, plan: Plan) -> None:
 # Annotation files and the driver.
 
 
-def shared_midog_json() -> Path:
-  """The shipped real ``MIDOG.json`` (needed by the ``midog21`` preset)."""
+def shared_midog_json() -> Path | None:
+  """The shipped real ``MIDOG.json`` (the ``midog21`` preset's positions).
+
+  ``$MIDOG_SHARED_DATA`` (a folder or the file) names it; otherwise it is
+  looked up beside the repository (``<repo>/../shared/data/midog``). None
+  when neither is there (a bare clone or an installed package): the preset
+  then generates realistic positions. A named file that is missing is an
+  error, not a silent change of data.
+  """
   env = os.environ.get("MIDOG_SHARED_DATA")
-  cands = []
   if env:
     p = Path(env)
-    cands.append(p if p.suffix == ".json" else p / "MIDOG.json")
+    p = p if p.suffix == ".json" else p / "MIDOG.json"
+    if not p.is_file():
+      raise DataError(p, "MIDOG_SHARED_DATA names no MIDOG.json (the real "
+                      "annotation file the 'midog21' preset takes positions from)")
+    return p
   # <repo>/midog_jax/data/synthetic/write.py -> <repo>
   repo = Path(__file__).resolve().parents[3]
-  cands.append(repo.parent / "shared" / "data" / "midog" / "MIDOG.json")
-  for p in cands:
-    if p.is_file():
-      return p
-  raise DataError(cands[0], "the real MIDOG.json needed by preset 'midog21' was "
-                  "not found (looked in " + ", ".join(map(str, cands))
-                  + "); set MIDOG_SHARED_DATA to the folder holding it")
+  p = repo.parent / "shared" / "data" / "midog" / "MIDOG.json"
+  return p if p.is_file() else None
 
 
 def _box(fig: Figure) -> list:
@@ -207,7 +212,9 @@ def generate(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
   if scale != 1.0 and preset != "midog21":
     raise ValueError("scale is only meaningful for preset 'midog21'")
   real, source = None, preset
-  if preset == "midog21":
+  if preset == "midog21" and shared_midog_json() is None:
+    real = standin_midog21(seed)  # no real file here: generated positions
+  elif preset == "midog21":
     source = shared_midog_json()
     try:
       real = json.loads(source.read_text())
@@ -244,6 +251,8 @@ def generate(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
   _write_json(out / MANIFEST, {"preset": preset, "seed": seed,
                                "n_images": len(plans), "ids": chosen,
                                "scale": scale,
+                               "positions": ("generated" if real and real.get("generated")
+                                             else "real" if real else "random"),
                                "generator_version": GENERATOR_VERSION})
   (out / WRITING).unlink(missing_ok=True)
   return out / "MIDOG.json"
@@ -263,7 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       prog="python -m midog_jax.data.synthetic",
       description="Write a synthetic data set in the MIDOG 2021 layout.")
   ap.add_argument("--out", required=True, help="output folder")
-  ap.add_argument("--preset", choices=PRESETS, default="tiny")
+  ap.add_argument("--suite", choices=("midog21", "midogpp"), default=None,
+                  help="write a benchmark suite (train/ and test/ in the MIDOG++ "
+                  "format; presets tiny|small|full) instead of a legacy preset")
+  ap.add_argument("--preset", choices=PRESETS + ("full",), default="tiny")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--workers", type=int, default=None)
   g = ap.add_mutually_exclusive_group()
@@ -286,6 +298,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if Path(a.out).exists() and not Path(a.out).is_dir():
       raise DataError(a.out, "--out exists and is not a folder")
+    if a.suite:
+      if ids is not None or a.limit is not None or a.scale != 1.0:
+        raise ValueError("--ids, --limit and --scale do not apply to --suite")
+      from midog_jax.data.synthetic import suite_write
+      out = suite_write.generate_suite(a.out, a.suite, a.preset, a.seed, a.workers,
+                                       force=a.force)
+      print(json.dumps(dict(suite_write.read_suite(out), out=str(out),
+                            seconds=round(time.perf_counter() - t0, 2))))
+      return 0
+    if a.preset == "full":
+      raise ValueError("preset 'full' belongs to the benchmark suites: add --suite")
     path = generate(a.out, a.preset, a.seed, a.workers, ids, a.limit, a.scale,
                     force=a.force)
   except DataError as e:  # bad input data or a folder it must not touch

@@ -28,6 +28,7 @@ CORE = [
     "optuna==5.0.0",
     "scikit-learn==1.9.1",
     "protobuf==7.36.2",
+    "matplotlib==3.11.2",  # benchmark leaderboard charts (Agg backend, imported lazily)
 ]
 
 setup(

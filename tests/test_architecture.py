@@ -30,7 +30,7 @@ LAYERS = (
     ("export",),                                 # output formats
     ("evaluation",),                             # evaluating a detector
     ("train", "predict", "classify", "image_level.baseline", "adapt"),  # the loop; new images
-    ("mining", "demo", "main", "search"),        # drivers and entry points
+    ("mining", "demo", "main", "search", "benchmark"),  # drivers and entry points
 )
 
 

@@ -90,9 +90,9 @@ from midog_jax.data.synthetic.plan import (DOMAINS, IMPOSTER_KINDS,
 from midog_jax.data.synthetic.render import (TILE, Layout, build_layout,
                                              render_band, render_image)
 from midog_jax.data.synthetic.write import (BOX, GENERATOR_VERSION, MANIFEST,
-                                            TRUTH, generate, main,
-                                            read_manifest, shared_midog_json,
-                                            write_tiff)
+                                            TRUTH, generate, read_manifest,
+                                            shared_midog_json, write_tiff)
+from midog_jax.data.synthetic.cli import main
 # Private, re-exported for the tests of the domain-balanced subset choice.
 from midog_jax.data.synthetic.write import _select  # noqa: F401
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from midog_jax.data.synthetic.write import main
+from midog_jax.data.synthetic.cli import main
 
 # Guarded: spawned render workers import this module again as __mp_main__.
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--protocol", default="official", help="official or lodo:<domain>")
   p.add_argument("--n_boot", "--n-boot", type=int, default=1000,
                  help="bootstrap resamples of the 95%% intervals")
+  p.add_argument("--steps", type=int, default=0,
+                 help="override every training's total_steps (a smoke run; 0: the budget's)")
+  p.add_argument("--report_only", "--report-only", action="store_true",
+                 help="write the leaderboard of the runs finished so far; run nothing")
   p.add_argument("--dry_run", "--dry-run", action="store_true",
                  help="print the commands that would run; run nothing")
   return p
@@ -74,6 +78,8 @@ def options(argv: Sequence[str] | None = None):
     suite_lib.parse_protocol(a.protocol)
     if a.seeds < 1:
       raise ValueError(f"--seeds must be at least 1, got {a.seeds}")
+    if a.steps < 0:
+      raise ValueError(f"--steps must be >= 0, got {a.steps}")
     if a.n_boot < 1:
       raise ValueError(f"--n_boot must be at least 1, got {a.n_boot}")
   except ValueError as e:
@@ -85,7 +91,8 @@ def options(argv: Sequence[str] | None = None):
     sys.exit(2)
   return Options(suite=a.suite, methods=tuple(names), seeds=a.seeds, budget=a.budget,
                  out=out, data=Path(a.data) if a.data else None, preset=a.preset,
-                 protocol=a.protocol, n_boot=a.n_boot, dry_run=a.dry_run)
+                 protocol=a.protocol, n_boot=a.n_boot, dry_run=a.dry_run, steps=a.steps,
+                 report_only=a.report_only)
 
 
 def _run(opts, argv: Sequence[str]) -> int:
@@ -107,7 +114,7 @@ def _run(opts, argv: Sequence[str]) -> int:
                  human_agreement=suite.human_agreement),
       protocol=opts.protocol, budget=opts.budget, seeds=opts.seeds, n_boot=opts.n_boot,
       data=display([str(suite.root)]),
-      failures=r.failures,
+      failures=r.failures, missing=r.missing,
       commands=dict(
           benchmark="python -m midog_jax.benchmark " + shlex.join(argv),
           data=display(r.data_command) if r.data_command else None,

@@ -62,6 +62,7 @@ class Context:
   method: str = ""               # the method whose run this is
   python: str = sys.executable
   cases: tuple = ()              # the scored test cases (prediction commands only)
+  steps: int = 0                 # > 0: overrides every training's total_steps
 
   def run_dir(self, method: str) -> Path:
     return self.out / "runs" / method / f"seed{self.seed}"
@@ -85,7 +86,8 @@ class Context:
             f"--config.data.root={self.suite.train_dir}",
             f"--config.data.split={suite_lib.training_split(self.protocol)}",
             f"--config.data.domain_key={self.suite.domain_key}",
-            "--config.data.extra_truth="]
+            "--config.data.extra_truth="] + (
+                [f"--config.total_steps={self.steps}"] if self.steps else [])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -192,6 +192,9 @@ def markdown(board: dict) -> str:
   lines.append("")
   if board.get("failures"):
     lines += ["## Failed runs", ""] + [f"- {f}" for f in board["failures"]] + [""]
+  if board.get("missing"):
+    lines += ["## Runs not finished (not in the tables)", ""] + [
+        f"- {m}" for m in board["missing"]] + [""]
   lines += _commands(board)
   return "\n".join(lines)
 

@@ -58,6 +58,8 @@ class Options:
   protocol: str
   n_boot: int = 1000
   dry_run: bool = False
+  steps: int = 0  # > 0: every training's total_steps (a smoke run)
+  report_only: bool = False  # the leaderboard of the finished runs; run nothing
 
 
 def display(argv: Sequence[str], root: Path) -> str:
@@ -86,6 +88,7 @@ class Runner:
     self.cases: list[suite_lib.ScoredCase] = []
     self.data_command: list[str] | None = None
     self.failures: list[str] = []
+    self.missing: list[str] = []  # runs not finished (--report_only)
     self._guard_checked = False
     self._train_failed: dict[tuple[str, int], str] = {}  # a needed run is tried once
 
@@ -131,9 +134,12 @@ class Runner:
     """What a saved run depends on besides its method and seed: a rerun into the
     same folder with other settings must not reuse it."""
     s = self.suite
-    return dict(data=str(s.root), suite=s.name, preset=s.preset,
-                generator_version=s.generator_version, protocol=self.opts.protocol,
-                budget=self.opts.budget)
+    key = dict(data=str(s.root), suite=s.name, preset=s.preset,
+               generator_version=s.generator_version, protocol=self.opts.protocol,
+               budget=self.opts.budget)
+    if self.opts.steps:  # only when set: runs saved without it stay valid
+      key["steps"] = self.opts.steps
+    return key
 
   def _check_key(self, path: Path) -> dict:
     """The saved JSON at ``path``, refused when made with other settings."""
@@ -149,7 +155,7 @@ class Runner:
     return methods.Context(suite=self.suite, protocol=self.opts.protocol,
                            budget=self.opts.budget, seed=seed, out=self.out,
                            config_dir=self.config_dir, method=method,
-                           cases=tuple(self.cases))
+                           cases=tuple(self.cases), steps=self.opts.steps)
 
   def runs(self) -> list[tuple[str, int]]:
     """(method, seed) of every requested run, seed by seed (one run if unseeded)."""
@@ -270,6 +276,14 @@ class Runner:
     """Every run (failures recorded, the others go on); results by method."""
     results: dict[str, list[dict]] = {m: [] for m in self.opts.methods}
     todo = self.runs()
+    if self.opts.report_only:
+      for method, seed in todo:
+        path = self.context(method, seed).run_dir(method) / RESULT
+        if path.exists():
+          results[method].append(self._check_key(path))
+        else:
+          self.missing.append(f"{method} seed {seed}")
+      return results
     for k, (method, seed) in enumerate(todo):
       self.log(f"[{k + 1}/{len(todo)}] {method} seed {seed}")
       try:

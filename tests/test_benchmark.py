@@ -399,6 +399,17 @@ def test_benchmark_end_to_end_blue_ratio_and_human_ceiling(suite_dir, tmp_path):
   assert "blue_ratio seed 0: done earlier" in again.stdout
   assert log.stat().st_mtime_ns == stamp
 
+  # --report_only: the finished rows, the unfinished run listed, nothing trained.
+  only = bench("--suite", "midog21", "--methods", "blue_ratio,human,retinanet", "--seeds", "1",
+               "--out", out, "--data", suite_dir, "--n_boot", "200", "--report_only")
+  assert only.returncode == 0, only.stderr
+  assert not (out / "runs" / "retinanet").exists()
+  board = json.loads((out / "leaderboard.json").read_text())
+  assert board["missing"] == ["retinanet seed 0"] and "retinanet" not in board["detection"]
+  assert board["detection"]["blue_ratio"]["summary"]["all"]["f1"]["mean"] == \
+      pytest.approx(counts.f1)
+  assert "- retinanet seed 0" in (out / "leaderboard.md").read_text()
+
 
 SLEEPY = '''
 import signal, sys, time

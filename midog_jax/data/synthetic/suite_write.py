@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import multiprocessing as mp
 import os
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from midog_jax.data import midog
 from midog_jax.data.synthetic import raters, suites
 from midog_jax.data.synthetic.plan import Plan
 from midog_jax.data.synthetic.write import (BOX, GENERATOR_VERSION, WRITING,
-                                            _refuse_foreign, _render_one,
-                                            _write_json)
+                                            _refuse_foreign, _write_json,
+                                            render_all)
 from midog_jax.fileio import atomic_output
 
 SUITE_MANIFEST = "suite.json"
@@ -100,16 +99,7 @@ def generate_suite(out_dir: str | os.PathLike, suite: str = "midog21",
   planned = [suites.plan_slot(s, preset, seed) for s in slot_list]
   plans, sharp = suites.with_votes([p for p, _ in planned], [m for _, m in planned], seed)
   slots = {s.image_id: s for s in slot_list}
-  jobs = [(str(out / slots[p.image_id].folder), p) for p in plans]
-  jobs.sort(key=lambda j: -j[1].width * j[1].height)
-  workers = min(2, os.cpu_count() or 1) if workers is None else workers
-  if workers <= 1 or len(jobs) <= 1:
-    for j in jobs:
-      _render_one(j)
-  else:
-    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-      for _ in pool.imap_unordered(_render_one, jobs):
-        pass
+  render_all([(out / slots[p.image_id].folder, p) for p in plans], workers)
   for sub in ("train", "test"):
     sel = [p for p in plans if slots[p.image_id].folder == sub]
     obj, text = _folder_files(sel, slots, suite, preset, seed)

@@ -169,6 +169,21 @@ def _render_one(args: tuple[str, Plan]) -> tuple[int, float]:
   return plan.image_id, time.perf_counter() - t0
 
 
+def render_all(jobs: Sequence[tuple[Path, Plan]], workers: int | None = None) -> None:
+  """Renders every (folder, plan) to ``folder/NNN.tiff``, ``workers`` processes (spawn)."""
+  if workers is None:
+    workers = min(2, os.cpu_count() or 1)
+  # Largest images first keeps the pool busy until the end.
+  jobs = sorted(((str(d), p) for d, p in jobs), key=lambda j: -j[1].width * j[1].height)
+  if workers <= 1 or len(jobs) <= 1:
+    for j in jobs:
+      _render_one(j)
+  else:
+    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+      for _ in pool.imap_unordered(_render_one, jobs):
+        pass
+
+
 # Present while a data set is being written: with the manifest, what marks a
 # folder as this generator's to overwrite.
 WRITING = ".synthetic_writing"
@@ -228,18 +243,7 @@ def generate(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
   # An old manifest would vouch for a half-rewritten folder: drop it first.
   (out / MANIFEST).unlink(missing_ok=True)
   plans = [plan_image(preset, seed, i, real, scale) for i in chosen]
-  if workers is None:
-    workers = min(2, os.cpu_count() or 1)
-  jobs = [(str(out), p) for p in plans]
-  # Largest images first keeps the pool busy until the end.
-  jobs.sort(key=lambda j: -j[1].width * j[1].height)
-  if workers <= 1 or len(jobs) <= 1:
-    for j in jobs:
-      _render_one(j)
-  else:
-    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-      for _ in pool.imap_unordered(_render_one, jobs):
-        pass
+  render_all([(out, p) for p in plans], workers)
   main, truth = _annotation_files(plans, preset, seed)
   _write_json(out / "MIDOG.json", main)
   if truth["images"]:

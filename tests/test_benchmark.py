@@ -388,8 +388,18 @@ def test_benchmark_end_to_end_blue_ratio_and_human_ceiling(suite_dir, tmp_path):
   both = sum(a["labels"][0] == a["labels"][1] == 1 for a in anns)
   assert board["human"]["summary"]["all"]["f1"]["mean"] == pytest.approx(_f1(both, r2 - both,
                                                                              r1 - both))
+  # Each rater against the consensus (what models are scored on), mean of the two.
+  cons = sum(a["category_id"] == 1 for a in anns)
+  per_rater = []
+  for k in (0, 1):
+    rk = sum(a["labels"][k] == 1 for a in anns)
+    hit = sum(a["labels"][k] == 1 and a["category_id"] == 1 for a in anns)
+    per_rater.append(_f1(hit, rk - hit, cons - hit))
+  vs = board["human"]["vs_consensus"]["summary"]["all"]["f1"]
+  assert vs["mean"] == pytest.approx(sum(per_rater) / 2) and vs["n"] == 2
   md = (out / "leaderboard.md").read_text()
   assert "python -m midog_jax.benchmark.blue_ratio" in md and "human agreement" in md
+  assert "one rater vs the consensus" in md
 
   # Run again: everything is done, nothing is predicted again.
   log = next((out / "runs" / "blue_ratio" / "seed0" / "logs").iterdir())

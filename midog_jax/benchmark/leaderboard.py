@@ -59,6 +59,11 @@ def build(results: dict[str, Sequence[dict]], cases: Sequence[ScoredCase], *, me
       if scored is not None:
         human = dict(info, summary=scoring.aggregate([scored], DETECTION_KEYS),
                      ci=dict(f1=scoring.f1_interval([scored], n_boot), ap=None))
+        raters = scoring.score_raters_vs_consensus(cases)
+        # Mean and spread over the two raters (not seeds).
+        human["vs_consensus"] = dict(
+            summary=scoring.aggregate(raters, DETECTION_KEYS),
+            ci=dict(f1=scoring.f1_interval(raters, n_boot), ap=None))
       continue
     if not runs:
       continue

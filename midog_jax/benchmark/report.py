@@ -45,15 +45,27 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
           + ["| " + " | ".join(r) + " |" for r in rows] + [""])
 
 
+def _humans(board: dict) -> list[tuple[str, dict]]:
+  """The human reference rows: rater vs rater, and one rater vs the consensus."""
+  human = board.get("human")
+  if not human:
+    return []
+  rows = [("human agreement (rater 1 vs rater 2)", human)]
+  if human.get("vs_consensus"):
+    rows.append(("one rater vs the consensus (mean of raters 1 and 2)",
+                 human["vs_consensus"]))
+  return rows
+
+
 def _detection_table(board: dict) -> list[str]:
-  det, human = board["detection"], board.get("human")
+  det = board["detection"]
   ap_rank = {n: i + 1 for i, n in enumerate(board["rankings"]["ap"])}
   rows = []
-  if human:
-    s = human["summary"]["all"]
-    rows.append(["–", "–", "**human agreement** (rater 1 vs rater 2)", _num(s["f1"]["mean"]),
-                 _ci(human["ci"]["f1"]), _num(s["precision"]["mean"]),
-                 _num(s["recall"]["mean"]), "–", "–", "–", "–", "1"])
+  for label, h in _humans(board):
+    s = h["summary"]["all"]
+    rows.append(["–", "–", f"**{label}**", _num(s["f1"]["mean"]),
+                 _ci(h["ci"]["f1"]), _num(s["precision"]["mean"]),
+                 _num(s["recall"]["mean"]), "–", "–", "–", "–", "–"])
   for i, name in enumerate(board["rankings"]["f1"]):
     d = det[name]
     s = d["summary"]["all"]
@@ -70,8 +82,7 @@ def _detection_table(board: dict) -> list[str]:
 def _group_table(board: dict) -> list[str]:
   rows = []
   names = board["rankings"]["f1"]
-  entries = ([("human agreement", board["human"])] if board.get("human") else []) + [
-      (f"`{n}`", board["detection"][n]) for n in names]
+  entries = _humans(board) + [(f"`{n}`", board["detection"][n]) for n in names]
   for label, d in entries:
     g = d["summary"]["group"]
     f1 = [g.get(k, {}).get("f1") for k in GROUPS]
@@ -88,8 +99,8 @@ def _group_table(board: dict) -> list[str]:
 def _keyed_table(board: dict, grouping: str, keys: list[str], metric: str,
                  label=lambda k: k) -> list[str]:
   names = board["rankings"]["f1"]
-  entries = ([("human agreement", board["human"])] if board.get("human") and metric == "f1"
-             else []) + [(f"`{n}`", board["detection"][n]) for n in names]
+  entries = (_humans(board) if metric == "f1" else []) + [
+      (f"`{n}`", board["detection"][n]) for n in names]
   rows = [[lab] + [_mean(d["summary"][grouping].get(k, {}).get(metric)) for k in keys]
           for lab, d in entries]
   return _table(["method"] + [label(k) for k in keys], rows)
@@ -188,7 +199,10 @@ def markdown(board: dict) -> str:
     for name, d in group.items():
       lines.append(f"- `{name}`: {d['title']}. How: {d['note']}.")
   if board.get("human"):
-    lines.append(f"- {board['human']['title']}.")
+    lines.append(f"- {board['human']['title']}; and each rater against the consensus (the "
+                 "majority of two or three raters that every method is scored on): a model can "
+                 "beat rater-vs-rater agreement because the consensus is less noisy than one "
+                 "rater.")
   lines.append("")
   if board.get("failures"):
     lines += ["## Failed runs", ""] + [f"- {f}" for f in board["failures"]] + [""]

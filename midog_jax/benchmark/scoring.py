@@ -118,6 +118,27 @@ def score_human(cases: Sequence[ScoredCase]) -> dict | None:
   return out
 
 
+def score_raters_vs_consensus(cases: Sequence[ScoredCase]) -> list[dict] | None:
+  """Each of the two raters against the consensus (the labels a model is scored on).
+
+  Rater-vs-rater agreement compares two noisy readings; a model is scored
+  against the majority of two or three, which is less noisy than one rater,
+  so a single expert's F1 against that consensus is the fairer human row.
+  """
+  if any(c.votes_mm is None for c in cases):
+    return None
+  out = []
+  for k in (0, 1):
+    ones = [(v[k], np.ones(len(v[k]))) for v in (c.votes_mm for c in cases)]
+    scored = score_detections(cases, ones, ones, 0.5)
+    for row in [scored["all"]] + [r for g in GROUPINGS for r in scored[g].values()]:
+      row["ap"] = row["froc_auc"] = None  # votes carry no ranking
+    scored["all"]["froc_score"] = None
+    scored["pr"] = scored["froc"] = None
+    out.append(scored)
+  return out
+
+
 # ----------------------------------------------------------------------------
 # Image-level runs (fields).
 

@@ -52,7 +52,7 @@ CASES = [
     (["midog_jax.data.synthetic", "--out", "{d}/syn", "--preset", "nope"],
      2, "python -m midog_jax.data.synthetic: error: argument --preset: invalid choice"),
     (["midog_jax.baselines.blue_ratio", "--data", "{d}/empty_dir"],
-     1, "error: {d}/empty_dir/MIDOG.json: annotation file not found"),
+     1, "error: {d}/empty_dir: no MIDOG.json or MIDOG++.json in the data root"),
     (["midog_jax.candidates", "--data", "{d}/garbled.json", "--out", "{d}/stores"],
      1, "error: {d}/garbled.json: malformed JSON"),
     (["midog_jax.main", "--config=configs/retina.py:tiny", "--workdir={d}/w",

@@ -11,8 +11,12 @@ measures it). Prints one JSON object per measurement::
 
 ``--method retina`` is the seed-000 RetinaNet (ResNet-50 FPN, Adam; default
 batch 2 of 512 px here, 30 in the paper), ``p4`` the P4 ResNet (SGD; its own
-patch size). FLOP/s use XLA's cost analysis of the compiled step, so they count
-what really runs. With ``--torch`` (RetinaNet only; torch and torchvision
+patch size). ``--dtype bfloat16`` sets ``config.model.compute_dtype`` (mixed
+precision, ``detectors/interface.compute_dtype``: bfloat16 convolutions and
+activations, float32 parameters, optimizer state, BatchNorm statistics and
+loss); the printed ``dtype`` is the one the detector's model was built with.
+FLOP/s use XLA's cost analysis of the compiled step, so they count what really
+runs. With ``--torch`` (RetinaNet only; torch and torchvision
 installed, the ``torch`` extra) torchvision's own ``retinanet_resnet50_fpn_v2``
 (weights=None, all five backbone layers trainable, its transform fixed to
 ``--size`` so both see the same pixels, Adam) is timed on the same batch in
@@ -68,7 +72,7 @@ def _timed(fn, steps: int) -> tuple[float, float]:
 def ours(a) -> dict:
   name = "retina" if a.method == "retina" else "p4_resnet"
   config = config_files.get_config(name, a.config or None)
-  config.model.dtype = a.dtype
+  config.model.compute_dtype = a.dtype  # the one mixed-precision switch
   if a.method == "retina":
     config.data.patch_size = a.size
   det = detectors.build(config)
@@ -93,7 +97,8 @@ def ours(a) -> dict:
 
   secs, share = _timed(run, a.steps)
   return dict(benchmark="train_step", impl="midog_jax", method=a.method, config=a.config,
-              dtype=a.dtype, batch=a.batch, patch_size=size, seconds_per_step=round(secs, 4),
+              dtype=str(np.dtype(det.model.dtype)), batch=a.batch, patch_size=size,
+              seconds_per_step=round(secs, 4),
               images_per_s=round(a.batch / secs, 3), gflops_per_step=round(flops / 1e9, 2),
               achieved_gflops_per_s=round(flops / secs / 1e9, 2), cpu_share=round(share, 3),
               platform=jax.default_backend(), device_kind=jax.devices()[0].device_kind,

@@ -3,7 +3,8 @@
 Each experiment is ``configs/<name>.py`` with ``get_config(arg)``; ``arg`` is a
 comma-separated list of ``key=value`` or bare flags, e.g. ``quick`` or
 ``aug=od,quick``. Keys every config has (the project's command-line contract): ``data.root``, ``seed``,
-``total_steps``, ``batch_size``, ``init_from``.
+``total_steps``, ``batch_size``, ``init_from``; and ``model.compute_dtype`` (mixed precision,
+``--config.model.compute_dtype=bfloat16``; see :func:`model_config`).
 """
 
 from __future__ import annotations
@@ -61,10 +62,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_workers = 0           # grain worker processes
   c.debug_step_sleep = 0.0    # seconds slept per step (interruption tests only)
   c.best_metric = "f1"        # "f1" (highest val F1) | "val_loss" (lowest; Lafarge & Koelzer)
+  c.model = model_config()    # each experiment replaces it with its own, built on this
   c.data = data_config()
   c.optimizer = optimizer_config()
   c.eval = eval_config()
   return c
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """Model keys every method has; each config's ``model`` block starts from this."""
+  m = ml_collections.ConfigDict()
+  # Mixed precision (detectors/interface.compute_dtype): "float32" or
+  # "bfloat16". bfloat16 runs the network's convolutions, matmuls and
+  # activations in bfloat16; parameters, gradients, optimizer state, BatchNorm
+  # statistics, losses and every detector output stay float32. Meant for
+  # accelerators with bfloat16 units (GPUs, TPUs). Changes no parameter, so it
+  # may change when a run is resumed (workdir.RESUMABLE_KEYS).
+  m.compute_dtype = "float32"
+  return m
 
 
 def data_config() -> ml_collections.ConfigDict:

@@ -63,13 +63,12 @@ def image_level_config() -> ml_collections.ConfigDict:
 
 
 def model_config(variant: str) -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
+  m = common.model_config()     # compute_dtype (mixed precision)
   m.variant = variant
   m.dropout = -1.0              # round 2 head dropout; < 0 = the variant's (B4: 0.4)
   m.stochastic_depth = 0.2
   m.train_layers = "head"       # round 2: "head" | "all" | "from:<stage 1-7>"
   m.bn_train = False            # backbone BatchNorm in inference mode (Keras fine-tuning)
-  m.dtype = "float32"
   return m
 
 

@@ -60,14 +60,13 @@ EPOCHS = 30
 
 
 def model_config() -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
+  m = common.model_config()     # compute_dtype (mixed precision)
   m.backbone = "resnet18"
   m.backbone_width = 0          # 0 = the architecture's own width (64)
   m.hidden = (512, 256)         # three fully connected layers per head
   m.num_domains = 3             # labelled scanners (the training data must match)
   m.norm = "batch"
   m.trainable_backbone_layers = 5
-  m.dtype = "float32"
   return m
 
 

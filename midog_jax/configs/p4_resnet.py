@@ -40,10 +40,9 @@ from configs import common
 
 
 def model_config(plan: str = "full", width: int = 16) -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
+  m = common.model_config()     # compute_dtype (mixed precision)
   m.plan = plan                 # "full" (70 layers) | "quick" | "tiny"
   m.width = width               # group channels (x4 feature maps) before the pool
-  m.dtype = "float32"
   m.pos_radius_px = 8.0         # label 1 iff a mitotic figure is this close to the centre
   m.peak_window = 3             # local maxima over this many map outputs (odd)
   m.topk = 1024                 # candidates kept per tile

@@ -23,7 +23,7 @@ from configs import common
 
 
 def model_config() -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
+  m = common.model_config()     # compute_dtype (mixed precision)
   m.backbone = "resnet50"
   m.backbone_width = 0          # 0 = the architecture's own width (64)
   m.trainable_backbone_layers = 5   # the report: all five layers unfrozen
@@ -38,7 +38,6 @@ def model_config() -> ml_collections.ConfigDict:
   m.input_std = (0.229, 0.224, 0.225)
   m.resize_to = 0               # >0: scale inputs by resize_to / patch_size
   m.torchvision_anchors = False  # torchvision's rounded anchors, integer strides
-  m.dtype = "float32"
   m.imposters = "background"
   m.box_size = 50.0             # MIDOG boxes are 50x50 px around the cell
   m.box_loss = "giou"           # torchvision v2

@@ -53,6 +53,53 @@ def normalize(images_uint8: jax.Array, mean: Sequence[float],
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+# Mixed precision: the values of ``config.model.compute_dtype``. float16 is
+# left out on purpose: its 5-bit exponent needs loss scaling, bfloat16's
+# float32-sized exponent does not.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(model_config: Any) -> Any:
+  """The dtype a detector's network computes in: ``config.model.compute_dtype``.
+
+  The one mixed-precision rule of the package; every detector passes its
+  result as its Flax model's ``dtype`` (the computation dtype of every layer;
+  ``param_dtype`` stays Flax's float32 default). With ``"bfloat16"``:
+
+  * parameters, hence gradients and optimizer state, stay float32: each layer
+    casts a copy of its float32 kernel to bfloat16, and the transpose of that
+    cast returns float32 gradients;
+  * convolutions, matmuls and the activations between them run in bfloat16;
+    the networks cast their (float32, normalised) input at the first layer;
+  * BatchNorm and GroupNorm compute their statistics in float32 and keep
+    running statistics in float32 (``models/resnet.BatchNorm``,
+    ``models/p4.P4BatchNorm``, Flax's ``GroupNorm``); their outputs are
+    bfloat16;
+  * the layer that makes each network's output computes in float32 (the
+    RetinaNet's predictor convolutions, the P4 head, the last dense layer of
+    the DANN heads and of the EfficientNet classifier), so logits and box
+    deltas are float32 and not rounded to bfloat16's 8 bits (which would tie
+    neighbouring P4 outputs and drop their local maxima); pooled features
+    are averaged in float32. Losses (the focal loss above all), decoding and
+    everything a detector returns are therefore float32.
+
+  Casting the params in the detector instead was rejected: these models give
+  every layer an explicit ``dtype`` (float32 by default), which would promote
+  the cast copies back to float32, and BatchNorm's affine parameters would
+  be rounded to bfloat16 too. The setting changes no parameter shape or dtype,
+  so checkpoints load either way and it may change on resume
+  (``workdir.RESUMABLE_KEYS``).
+
+  ``model_config`` is ``config.model``; workdirs saved before the key existed
+  name it ``model.dtype``, read as a fallback.
+  """
+  name = str(model_config.get("compute_dtype", model_config.get("dtype", "float32")))
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"model.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+                     f"got {name!r}")
+  return COMPUTE_DTYPES[name]
+
+
 @runtime_checkable
 class Detector(Protocol):
   """What every detector provides (``midog_jax.detectors.build`` makes one).

@@ -37,7 +37,8 @@ import numpy as np
 
 from midog_jax import parallel
 from midog_jax.data import pipeline
-from midog_jax.detectors.interface import IMAGENET_MEAN, IMAGENET_STD, normalize
+from midog_jax.detectors.interface import (IMAGENET_MEAN, IMAGENET_STD, compute_dtype,
+                                           normalize)
 from midog_jax.image_level import datasets, features, heads
 from midog_jax.image_level import fields as fields_lib
 from midog_jax.image_level import metrics as metrics_lib
@@ -142,7 +143,7 @@ class Finetune:
     self.dropout = VARIANTS[variant][2] if m.dropout < 0 else float(m.dropout)
     self.model = EfficientNet(variant=variant, num_classes=1, dropout=self.dropout,
                               stochastic_depth=float(m.stochastic_depth),
-                              dtype=jnp.dtype(str(m.dtype)))
+                              dtype=compute_dtype(m))
     self.backbone = self.model.clone(num_classes=0)
     self.patch_size = datasets.out_px(config)
     self._sets = None

@@ -27,7 +27,7 @@ from flax import traverse_util
 from midog_jax import checkpoint as ckpt_lib
 from midog_jax import parallel
 from midog_jax import pretrained as pretrained_lib
-from midog_jax.detectors.interface import IMAGENET_MEAN, IMAGENET_STD
+from midog_jax.detectors.interface import IMAGENET_MEAN, IMAGENET_STD, compute_dtype
 from midog_jax.errors import DataError
 from midog_jax.fileio import atomic_path, read_json, write_json_atomic
 from midog_jax.image_level import datasets, features, heads
@@ -51,7 +51,7 @@ def save_tree(tree: dict, path: str | Path) -> Path:
 def feature_model(config) -> EfficientNet:
   m = config.model
   return EfficientNet(variant=str(m.variant), num_classes=0,
-                      dtype=jnp.dtype(str(m.get("dtype", "float32"))))
+                      dtype=compute_dtype(m))
 
 
 def init_backbone(config, log: Callable = lambda *_: None,

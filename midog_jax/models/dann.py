@@ -66,7 +66,8 @@ class MLPHead(nn.Module):
     for i, width in enumerate(self.hidden):
       x = nn.relu(nn.Dense(width, kernel_init=_dense_init, dtype=self.dtype,
                            name=f"fc{i + 1}")(x))
-    return nn.Dense(self.num_outputs, kernel_init=_dense_init, dtype=self.dtype,
+    # The output layer computes in float32 whatever ``dtype`` (unrounded logits).
+    return nn.Dense(self.num_outputs, kernel_init=_dense_init, dtype=jnp.float32,
                     name=f"fc{len(self.hidden) + 1}")(x)
 
 
@@ -86,7 +87,8 @@ class DANN(nn.Module):
     norm: backbone normalisation, "batch" | "frozen" | "group".
     trainable_backbone_layers: 0..5 as torchvision's (frozen layers'
       BatchNorm uses running averages; pair with ``resnet.trainable_mask``).
-    dtype: computation dtype (parameters float32, outputs float32).
+    dtype: computation dtype (parameters float32; each head's output layer
+      computes in float32, so the logits are float32 and unrounded).
   """
 
   backbone: str = "resnet18"

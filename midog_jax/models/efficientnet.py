@@ -172,7 +172,8 @@ class EfficientNet(nn.Module):
       the variant (0.2 .. 0.5). Unused when ``num_classes == 0``.
     stochastic_depth: drop probability of the last block's residual branch
       (linearly less for earlier blocks); 0.2 as torchvision.
-    dtype: computation dtype (parameters float32; the output is float32).
+    dtype: computation dtype (parameters float32; the pooled features and the
+      classifier are float32, so the output is float32 and unrounded).
 
   Parameter scopes: ``stem_conv``, ``stem_bn``, ``stage{s}_{b}/...`` (s = 1..7,
   torchvision's ``features.{s}.{b}``), ``head_conv``, ``head_bn``,
@@ -213,7 +214,8 @@ class EfficientNet(nn.Module):
     rate = default_dropout if self.dropout is None else self.dropout
     x = nn.Dropout(rate, deterministic=not train)(x)
     bound = 1.0 / math.sqrt(self.num_classes)
-    x = nn.Dense(self.num_classes, dtype=self.dtype,
+    # The classifier computes in float32 whatever ``dtype`` (unrounded logits).
+    x = nn.Dense(self.num_classes, dtype=jnp.float32,
                  kernel_init=lambda k, shape, dt=jnp.float32: jax.random.uniform(
                      k, shape, dt, -bound, bound),
                  bias_init=nn.initializers.zeros, name="classifier")(x)

@@ -214,8 +214,11 @@ class _DenseResNet(nn.Module):
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                        epsilon=1e-5, dtype=self.dtype)(x)
       x = nn.relu(x)
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    # The head computes in float32 whatever ``dtype``: logits rounded to
+    # bfloat16 (steps of 1/32 at 4..8) would tie neighbouring outputs and the
+    # strict local maxima of the detector would drop those peaks.
+    x = nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, name="head")(x)
+    return x
 
 
 class P4ResNet(_DenseResNet):

@@ -38,7 +38,8 @@ from midog_jax import candidates as cand_lib
 from midog_jax.candidates import extract as extract_lib
 from midog_jax.data import experiment, pipeline
 from midog_jax.detections import Detections, suppress_by_distance
-from midog_jax.detectors.interface import IMAGENET_MEAN, IMAGENET_STD, normalize
+from midog_jax.detectors.interface import (IMAGENET_MEAN, IMAGENET_STD, compute_dtype,
+                                           normalize)
 from midog_jax.errors import DataError
 from midog_jax.metrics import best_f1_threshold  # noqa: F401 (candidate-level F1)
 from midog_jax.models import dann as dann_lib
@@ -125,7 +126,7 @@ class KondoDA:
         backbone=str(m.backbone), num_domains=int(m.num_domains),
         hidden=tuple(int(h) for h in m.hidden), backbone_width=int(m.backbone_width),
         norm=str(m.norm), trainable_backbone_layers=int(m.trainable_backbone_layers),
-        dtype=jnp.dtype(str(m.dtype)))
+        dtype=compute_dtype(m))
     self.patch_size = int(config.data.patch_size) or 64
     self.settings = cand_lib.Settings(
         k_std=float(k.k_std), min_area_px=int(k.min_area_px),

@@ -114,7 +114,7 @@ class P4Detector:
     self.centre_index(self.patch_size)
     self.model = pr.P4ResNet(
         plan=self.plan, width=m.width, num_classes=1,
-        dtype=jnp.bfloat16 if m.get("dtype", "float32") == "bfloat16" else jnp.float32)
+        dtype=interface.compute_dtype(m))
     window = int(m.peak_window)
     if window < 1 or window % 2 == 0:
       raise ValueError(f"model.peak_window must be odd and positive, got {window}")

@@ -77,7 +77,7 @@ class RetinaNetDetector:
         head_groups=m.head_groups, norm=m.norm,
         trainable_backbone_layers=m.trainable_backbone_layers,
         backbone_width=m.backbone_width,
-        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32)
+        dtype=interface.compute_dtype(m))
 
   def _sizes(self):
     s = self.cfg.anchor_sizes

@@ -62,12 +62,14 @@ def main(argv=None) -> int:
   cases = ds.unlabeled
   pool, _ = stain_mined_negatives(cases, 0, top_k, seed=0)
   slots = {s.image_id: s for s in suites.slots(man["suite"], man["preset"])}
+  # Each mined image's artefacts, planned once (not once per mined centre).
+  arts = {i: suites.plan_slot(slots[cases[i].image_id], man["preset"], man["seed"])[0].artefacts
+          for i in {int(ci) for ci in pool[:, 0]}}
   kinds: dict[str, int] = {}
   n_art = 0
   for ci, x, y in pool:
     case = cases[int(ci)]
-    plan, _ = suites.plan_slot(slots[case.image_id], man["preset"], man["seed"])
-    kind = _near_artefact(x, y, plan.artefacts, a.radius_um / case.spacing_um)
+    kind = _near_artefact(x, y, arts[int(ci)], a.radius_um / case.spacing_um)
     kinds[kind or "none"] = kinds.get(kind or "none", 0) + 1
     n_art += kind is not None
   print(json.dumps(dict(data=str(a.data), images=len(cases), top_k=top_k,

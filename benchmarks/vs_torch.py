@@ -40,7 +40,6 @@ ours is timed (exit 0).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -136,16 +135,6 @@ def torch_tile_fn(torch, model, device: str, k: int):
     return pts, sc, np.full((b, k), MITOSIS, np.int32), valid
 
   return tile_fn
-
-
-@contextlib.contextmanager
-def eager_tiles():
-  """``infer.detect`` calls the tile function as given (not re-jitted): torch's."""
-  saved, infer.CPU_COMPILER_OPTIONS = infer.CPU_COMPILER_OPTIONS, {}
-  try:
-    yield
-  finally:
-    infer.CPU_COMPILER_OPTIONS = saved
 
 
 def middle_tiles(source, tcfg: infer.TileConfig) -> np.ndarray:
@@ -258,20 +247,19 @@ def main(argv=None) -> None:
           flush=True)
 
   calls = max(2, a.repeats)
-  impls = {"ours": (tile_fn, variables, contextlib.nullcontext)}
+  impls = {"ours": (tile_fn, variables)}
   compute = {"ours": best_call(lambda: run(variables, batch), calls)}
   if torch is not None:
-    impls["torch"] = (torch_fn, None, eager_tiles)
+    impls["torch"] = (torch_fn, None)  # eager: infer.for_platform leaves it as is
     compute["torch"] = best_call(lambda: torch_fn(None, tiles_np), calls)
   times, cpu, n_det = {n: [] for n in impls}, {n: [] for n in impls}, {}
   load_before = os.getloadavg()[0]
   for _ in range(a.repeats):  # interleaved, so a change of load hits both alike
-    for name, (fn, v, ctx) in impls.items():
-      with ctx():
-        t0, c0 = time.perf_counter(), time.process_time()
-        n_det[name] = len(infer.detect(source(), fn, v, tcfg, mesh))
-        times[name].append(time.perf_counter() - t0)
-        cpu[name].append(time.process_time() - c0)
+    for name, (fn, v) in impls.items():
+      t0, c0 = time.perf_counter(), time.process_time()
+      n_det[name] = len(infer.detect(source(), fn, v, tcfg, mesh))
+      times[name].append(time.perf_counter() - t0)
+      cpu[name].append(time.process_time() - c0)
   matmul = max(matmul_before[0], matmul_gflops()[0])
 
   w, h, _ = infer.image_reader(source())

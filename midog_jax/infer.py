@@ -47,7 +47,9 @@ def for_platform(tile_fn: TileFn) -> TileFn:
   Re-wrapping the same function hits jit's cache, so calling this per image
   does not recompile.
   """
-  if jax.default_backend() != "cpu" or not CPU_COMPILER_OPTIONS:
+  # Only jitted JAX functions (they have ``lower``) are recompiled: a plain
+  # callable, such as an eager reference detector in a benchmark, runs as given.
+  if jax.default_backend() != "cpu" or not CPU_COMPILER_OPTIONS or not hasattr(tile_fn, "lower"):
     return tile_fn
   return jax.jit(tile_fn, compiler_options=dict(CPU_COMPILER_OPTIONS))
 

@@ -104,18 +104,26 @@ def score_detections(cases: Sequence[ScoredCase], curve: Sequence[tuple],
   return out
 
 
+def _score_votes(cases: Sequence[ScoredCase], rater_points: Sequence[np.ndarray]) -> dict:
+  """One rater's mitoses scored as detections against the cases' truth.
+
+  Votes carry no ranking: AP, FROC and the curves are left empty.
+  """
+  ones = [(r, np.ones(len(r))) for r in rater_points]
+  out = score_detections(cases, ones, ones, 0.5)
+  for row in [out["all"]] + [r for g in GROUPINGS for r in out[g].values()]:
+    row["ap"] = row["froc_auc"] = None
+  out["all"]["froc_score"] = None
+  out["pr"] = out["froc"] = None
+  return out
+
+
 def score_human(cases: Sequence[ScoredCase]) -> dict | None:
   """Rater 2 against rater 1 (the human-agreement ceiling); None without votes."""
   if any(c.votes_mm is None for c in cases):
     return None
-  ones = [(r2, np.ones(len(r2))) for r2 in (c.votes_mm[1] for c in cases)]
   voted = [dataclasses.replace(c, truth_mm=c.votes_mm[0]) for c in cases]
-  out = score_detections(voted, ones, ones, 0.5)
-  for row in [out["all"]] + [r for g in GROUPINGS for r in out[g].values()]:
-    row["ap"] = row["froc_auc"] = None  # votes carry no ranking
-  out["all"]["froc_score"] = None
-  out["pr"] = out["froc"] = None
-  return out
+  return _score_votes(voted, [c.votes_mm[1] for c in cases])
 
 
 def score_raters_vs_consensus(cases: Sequence[ScoredCase]) -> list[dict] | None:
@@ -127,16 +135,7 @@ def score_raters_vs_consensus(cases: Sequence[ScoredCase]) -> list[dict] | None:
   """
   if any(c.votes_mm is None for c in cases):
     return None
-  out = []
-  for k in (0, 1):
-    ones = [(v[k], np.ones(len(v[k]))) for v in (c.votes_mm for c in cases)]
-    scored = score_detections(cases, ones, ones, 0.5)
-    for row in [scored["all"]] + [r for g in GROUPINGS for r in scored[g].values()]:
-      row["ap"] = row["froc_auc"] = None  # votes carry no ranking
-    scored["all"]["froc_score"] = None
-    scored["pr"] = scored["froc"] = None
-    out.append(scored)
-  return out
+  return [_score_votes(cases, [c.votes_mm[k] for c in cases]) for k in (0, 1)]
 
 
 # ----------------------------------------------------------------------------

@@ -28,18 +28,13 @@ from pathlib import Path
 from midog_jax.data import midog
 from midog_jax.data.synthetic import raters, suites
 from midog_jax.data.synthetic.plan import Plan
-from midog_jax.data.synthetic.write import (BOX, GENERATOR_VERSION, WRITING,
+from midog_jax.data.synthetic.write import (GENERATOR_VERSION, WRITING, _box,
                                             _refuse_foreign, _write_json,
                                             render_all)
 from midog_jax.fileio import atomic_output
 
 SUITE_MANIFEST = "suite.json"
 SUITE_VERSION = GENERATOR_VERSION + ".suite1"
-
-
-def _box(p: Plan, f) -> list:
-  h = BOX // 2
-  return [f.x - h, f.y - h, f.x + h, f.y + h]
 
 
 def _folder_files(plans: list[Plan], slots: dict[int, suites.Slot], suite: str,
@@ -67,7 +62,7 @@ def _folder_files(plans: list[Plan], slots: dict[int, suites.Slot], suite: str,
     if s.dataset == midog.UNLABELED_SPLIT:
       continue
     for f in p.figures:
-      obj["annotations"].append({"bbox": _box(p, f), "category_id": f.category,
+      obj["annotations"].append({"bbox": _box(f), "category_id": f.category,
                                  "image_id": p.image_id, "labels": list(f.votes),
                                  "id": ann_id})
       ann_id += 1

@@ -37,7 +37,8 @@ import jax
 import numpy as np
 import psutil
 
-from midog_jax import config_files, detectors, optim, train
+import xla_profile
+from midog_jax import config_files, detectors, optim, parallel, train
 
 
 def _batch(batch: int, size: int, rng: np.random.Generator) -> dict:
@@ -84,7 +85,8 @@ def ours(a) -> dict:
   state = dict(step=jax.numpy.int32(0), params=params,
                batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
   batch = jax.device_put(_batch(a.batch, size, np.random.default_rng(0)))
-  step = jax.jit(functools.partial(train.train_step, detector=det, tx=tx))
+  step = jax.jit(functools.partial(train.train_step, detector=det, tx=tx),
+                 compiler_options=None if a.xla_defaults else parallel.compiler_options())
   compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -96,7 +98,12 @@ def ours(a) -> dict:
     jax.block_until_ready(m)
 
   secs, share = _timed(run, a.steps)
+  if a.profile:
+    print(json.dumps(dict(benchmark="train_step_profile", method=a.method, batch=a.batch,
+                          patch_size=size, xla_defaults=a.xla_defaults,
+                          thread_s=xla_profile.profile(compiled, run))), flush=True)
   return dict(benchmark="train_step", impl="midog_jax", method=a.method, config=a.config,
+              xla_options="defaults" if a.xla_defaults else "project",
               dtype=str(np.dtype(det.model.dtype)), batch=a.batch, patch_size=size,
               seconds_per_step=round(secs, 4),
               images_per_s=round(a.batch / secs, 3), gflops_per_step=round(flops / 1e9, 2),
@@ -149,6 +156,11 @@ def main() -> None:
   p.add_argument("--peak_tflops", type=float, default=0.0,
                  help="the device's peak for --dtype (e.g. 989 for an H100/H200 in bf16): "
                  "adds flop_utilisation")
+  p.add_argument("--profile", action="store_true",
+                 help="also print where one step's time goes (benchmarks/xla_profile.py)")
+  p.add_argument("--xla_defaults", action="store_true",
+                 help="compile with XLA's default options instead of the training loop's "
+                 "(parallel.compiler_options(): on CPU, XLA's own convolutions)")
   a = p.parse_args()
   if a.torch and (a.method != "retina" or a.config):
     raise SystemExit("--torch compares the full ResNet-50 RetinaNet: --method retina, no --config")

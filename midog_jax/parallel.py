@@ -18,6 +18,24 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA = "data"
 
 
+# XLA options for the heavy programs (the train step, the tile functions) on
+# CPU. XLA:CPU hands convolutions to YNNPACK by default; on a 2-core AVX-512
+# Xeon the ResNet-50 RetinaNet took 188 s per 7215x5412 image that way (51% of
+# a float32 matmul's FLOP/s) and 138 s with XLA's own (Eigen) convolutions
+# (75-83%; benchmarks/inference.py); the training step is faster with them too
+# (benchmarks/train_step.py, whose --xla_defaults times the other).
+# Set to {} to keep XLA's defaults. Ignored on other platforms.
+CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options() -> dict[str, str] | None:
+  """``jax.jit(..., compiler_options=)`` for this platform: :data:`CPU_COMPILER_OPTIONS`
+  on CPU, None (XLA's defaults) elsewhere."""
+  if jax.default_backend() != "cpu" or not CPU_COMPILER_OPTIONS:
+    return None
+  return dict(CPU_COMPILER_OPTIONS)
+
+
 def initialize_distributed() -> None:
   """Starts JAX's multi-host runtime when the environment asks for it.
 

@@ -7,17 +7,22 @@ the weights) and prints one JSON object per measurement::
 
   python benchmarks/inference.py [--data data/bench_midog21] [--tile_size 512]
       [--tile_batch 8] [--backbone resnet50] [--repeats 1] [--xla_defaults]
-      [--quick] [--tta]
+      [--quick] [--tta] [--mode tiles|regions] [--region_max_mpx 12]
 
 ``--tile_size`` and ``--tile_batch`` take comma-separated lists (one line per
-combination). ``--quick`` uses the small ``quick`` model (a smoke run).
+combination). ``--mode regions`` cuts the image into a few large regions
+instead (``infer.plan``; the tile size and batch do not apply: one region
+per device per step); every line reports ``mpx_processed`` (what the network
+sees) and ``extra_pixel_fraction`` (over the image's own pixels). ``--quick`` uses the small ``quick`` model (a smoke run).
 ``infer.detect`` compiles the detector with ``infer.CPU_COMPILER_OPTIONS``
 on CPU (XLA's own convolutions instead of YNNPACK's); ``--xla_defaults``
 measures XLA's default options instead, for comparison.
 
 FLOPs are XLA's own count (``cost_analysis()`` of the compiled per-batch
 program, divided by the batch), so they match what really runs (padding of
-the last batch excluded: ``tiles`` counts real tiles). The reference is a
+the last batch excluded: ``tiles`` counts real tiles or regions; the
+``*_per_tile`` fields are per region in regions mode). ``--data`` may name
+any folder with a ``001.tiff`` (e.g. a small synthetic set, for a smoke run). The reference is a
 float32 N x N matmul timed in the same process (best of a few, before and
 after the image, under XLA's default options and under the detector's, the
 best of all), with its FLOPs counted the same way.
@@ -103,28 +108,34 @@ def _time_calls(fn, x, calls: int) -> float:
 
 
 def _read_seconds_per_tile(path: Path, tcfg: infer.TileConfig, n: int) -> float:
-  """Reading + decoding alone: the first ``n`` tiles of the grid, one thread."""
+  """Reading + decoding alone: the first ``n`` tiles (or regions), one thread."""
   with slides.Slide(path) as s:
-    xs = infer.tile_origins(s.width, tcfg.tile_size, tcfg.overlap)
-    ys = infer.tile_origins(s.height, tcfg.tile_size, tcfg.overlap)
+    xs, ys, th, tw = infer.plan(s.width, s.height, tcfg)
     grid = [(x, y) for y in ys for x in xs][:n]
     t0 = time.perf_counter()
     for x, y in grid:
-      s.read(int(x), int(y), tcfg.tile_size, tcfg.tile_size)
+      s.read(int(x), int(y), tw, th)
     return (time.perf_counter() - t0) / len(grid)
 
 
 def measure(path: Path, method, variables, cfg, tile_size: int,
             tile_batch: int, mesh, repeats: int, breakdown: bool,
-            matmul_before: float, use_tta: bool = False) -> dict:
+            matmul_before: float, use_tta: bool = False, mode: str = "tiles",
+            region_max_mpx: float = 12.0) -> dict:
   tcfg = infer.TileConfig(tile_size=tile_size, overlap=cfg.eval.tile_overlap,
                           tile_batch=tile_batch, merge_radius=cfg.eval.merge_radius_px,
-                          score_thresh=cfg.eval.score_thresh)
+                          score_thresh=cfg.eval.score_thresh, mode=mode,
+                          region_max_mpx=region_max_mpx,
+                          multiple=interface.hook(method, "input_multiple") or 1)
+  with slides.Slide(path) as s:
+    width, height = s.width, s.height
+  xs, ys, th, tw = infer.plan(width, height, tcfg)
+  if mode == "regions":  # one region per device per step, as detect() runs them
+    tile_batch = mesh.devices.size
   tile_fn = method.make_tile_fn(tcfg.score_thresh)
   run = infer.for_platform(tile_fn)  # what detect() compiles and calls
   sharding = parallel.data_sharding(mesh)
-  batch = jax.device_put(np.full((tile_batch, tile_size, tile_size, 3), 200, np.uint8),
-                         sharding)
+  batch = jax.device_put(np.full((tile_batch, th, tw, 3), 200, np.uint8), sharding)
   t0 = time.perf_counter()
   flops_per_tile = _flops(run.lower(variables, batch).compile()) / tile_batch
   if use_tta:  # eight views, each tiled like the image
@@ -132,10 +143,8 @@ def measure(path: Path, method, variables, cfg, tile_size: int,
   jax.block_until_ready(run(variables, batch))  # compiles the program detect() runs
   compile_s = time.perf_counter() - t0
 
-  with slides.Slide(path) as s:
-    width, height = s.width, s.height
-  tiles = (len(infer.tile_origins(width, tile_size, tcfg.overlap)) *
-           len(infer.tile_origins(height, tile_size, tcfg.overlap)))
+  tiles = len(xs) * len(ys)
+  processed = infer.pixels_processed(width, height, tcfg)
   times, n_det = [], 0
   load_before = os.getloadavg()[0]
   cpu_s = []
@@ -152,11 +161,16 @@ def measure(path: Path, method, variables, cfg, tile_size: int,
   sec = min(times)
   achieved = flops_per_tile * tiles / sec / 1e9
   out = dict(
-      benchmark="inference", backbone=cfg.model.backbone, tta=use_tta,
-      image_size=[width, height], tile_size=tile_size, overlap=tcfg.overlap,
-      tile_batch=tile_batch, tiles=tiles, batches=-(-tiles // tile_batch),
+      benchmark="inference", backbone=cfg.model.backbone, tta=use_tta, mode=mode,
+      image_size=[width, height], tile_size=tile_size if mode == "tiles" else [tw, th],
+      overlap=tcfg.overlap, tile_batch=tile_batch, tiles=tiles,
+      batches=-(-tiles // tile_batch),
       seconds_per_image=round(sec, 3), all_seconds=[round(t, 3) for t in times],
       mpix_per_s=round(width * height / sec / 1e6, 4),
+      # What the network sees (tiles or regions, overlaps and padding), and
+      # its excess over the image's own pixels.
+      mpx_processed=round(processed / 1e6, 3),
+      extra_pixel_fraction=round(processed / (width * height) - 1, 4),
       flops_per_tile=flops_per_tile,
       achieved_gflops_per_s=round(achieved, 2),
       matmul_gflops_per_s=round(matmul, 2),
@@ -215,6 +229,11 @@ def main(argv=None) -> None:
                  help="the small 'quick' model (smoke run)")
   p.add_argument("--tta", action="store_true",
                  help="D4 test-time augmentation (midog_jax.tta): eight views per image")
+  p.add_argument("--mode", default="tiles", choices=infer.MODES,
+                 help="tiles (tile_size squares) or regions (a few large regions "
+                 "per image; --tile_size/--tile_batch do not apply)")
+  p.add_argument("--region_max_mpx", type=float, default=None,
+                 help="regions: largest region in Mpx (default: config.eval.region_max_mpx)")
   args = p.parse_args(argv)
   if args.xla_defaults:
     infer.CPU_COMPILER_OPTIONS = {}
@@ -230,11 +249,14 @@ def main(argv=None) -> None:
   variables = method.init_variables(jax.random.key(cfg.seed, impl="rbg"))
   variables = parallel.replicate(variables, mesh)
   matmul_before = matmul_gflops()
-  for tile_size in _ints(args.tile_size) or [cfg.eval.tile_size]:
-    for tile_batch in _ints(args.tile_batch) or [cfg.eval.tile_batch]:
+  region_max = (cfg.eval.region_max_mpx if args.region_max_mpx is None
+                else args.region_max_mpx)
+  tiled = args.mode == "tiles"  # regions: one line, the sizes do not apply
+  for tile_size in (tiled and _ints(args.tile_size)) or [cfg.eval.tile_size]:
+    for tile_batch in (tiled and _ints(args.tile_batch)) or [cfg.eval.tile_batch]:
       print(json.dumps(measure(path, method, variables, cfg, tile_size, tile_batch,
                                mesh, args.repeats, args.breakdown, matmul_before,
-                               args.tta)),
+                               args.tta, args.mode, region_max)),
             flush=True)
 
 

@@ -58,7 +58,10 @@ def make_tiler(detector, variables: dict, config, *, score_thresh: float | None 
   replicated there, so every process of a multi-host run can call it on its
   own. ``score_thresh`` lowers (never raises) ``config.eval.score_thresh``,
   the cut-off for candidates; the tile batch is rounded up to a multiple of
-  the device count (tiles are sharded over the devices).
+  the device count (tiles are sharded over the devices). ``eval.inference``
+  picks tiles (the default: one compiled program for every image size) or
+  regions (a few large regions per image, sides a multiple of the detector's
+  ``input_multiple``; one program per distinct image size), see ``infer``.
   """
   import jax  # pylint: disable=g-import-not-at-top
   own = interface.hook(detector, "make_tiler")
@@ -67,7 +70,10 @@ def make_tiler(detector, variables: dict, config, *, score_thresh: float | None 
     # candidates, then their patches): its own object with ``detect``.
     return own(variables, config, score_thresh=score_thresh, mesh=mesh)
   mesh = mesh if mesh is not None else parallel.local_mesh()
-  cfg = infer.TileConfig.from_config(config.eval, context=detector.tile_context)
+  # Regions' sides are rounded to the detector's stride multiple (1: any size).
+  multiple = interface.hook(detector, "input_multiple") or 1
+  cfg = infer.TileConfig.from_config(config.eval, context=detector.tile_context,
+                                     multiple=multiple)
   n_dev = mesh.devices.size
   thresh = cfg.score_thresh if score_thresh is None else min(cfg.score_thresh,
                                                              float(score_thresh))

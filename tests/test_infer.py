@@ -10,6 +10,7 @@ relative to the tile borders is fully under the test's control.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from midog_jax import detectors, infer
+from midog_jax import detectors, evaluation, infer
 from configs import retina as retina_config
 from midog_jax.data import slides, synthetic
+from midog_jax.detections import Detections
+from midog_jax.detectors import interface
 from support import REPO, cpu_env
 
 
@@ -186,12 +189,19 @@ def test_points_outside_the_image_are_dropped():
 # The real detector: invariance to the tile batch and to the device count.
 
 @pytest.fixture(scope="module")
-def crops(tmp_path_factory) -> dict[str, Path]:
-  """Crops of one synthetic tiny-preset image, written as plain TIFFs."""
+def synthetic_image(tmp_path_factory) -> np.ndarray:
+  """One synthetic tiny-preset image (about 512 x 512), read back from its TIFF."""
   root = tmp_path_factory.mktemp("infer")
   synthetic.generate(root / "src", preset="tiny", seed=0, ids=[1], workers=1)
   with slides.Slide(root / "src" / "001.tiff") as s:
-    full = s.read_all()
+    return s.read_all()
+
+
+@pytest.fixture(scope="module")
+def crops(synthetic_image, tmp_path_factory) -> dict[str, Path]:
+  """Crops of one synthetic tiny-preset image, written as plain TIFFs."""
+  root = tmp_path_factory.mktemp("crops")
+  full = synthetic_image
   out = {}
   for name, (w, h) in {"300x260": (300, 260), "301x257": (301, 257),
                        "100x90": (100, 90)}.items():
@@ -277,8 +287,17 @@ variables = detector.init_variables(jax.random.key(0, impl="rbg"))
 variables = parallel.replicate(variables, mesh)
 tile_fn = detector.make_tile_fn(0.0)
 tcfg = infer.TileConfig(cfg.eval.tile_size, cfg.eval.tile_overlap, 4, 25.0, 0.0)
-det = infer.detect(image, tile_fn, variables, tcfg, mesh)
-np.savez(out, xy=det.xy, scores=det.scores, classes=det.classes)
+# Regions: three of 128 x 288 px, one per device per step (with four
+# devices, one step and a padding region).
+rcfg = infer.TileConfig(overlap=cfg.eval.tile_overlap, merge_radius=25.0, score_thresh=0.0,
+                        mode="regions", region_max_mpx=0.037, multiple=32)
+assert [len(o) for o in infer.plan(300, 260, rcfg)[:2]] == [3, 1]
+out_arrays = {{}}
+for mode, c in (("tiles", tcfg), ("regions", rcfg)):
+  det = infer.detect(image, tile_fn, variables, c, mesh)
+  out_arrays.update({{mode + "_xy": det.xy, mode + "_scores": det.scores,
+                     mode + "_classes": det.classes}})
+np.savez(out, **out_arrays)
 if n > 1:  # a batch that cannot be split evenly over the devices is refused
   try:
     infer.detect(image, tile_fn, variables, infer.TileConfig(128, 32, n + 1, 25.0, 0.0), mesh)
@@ -299,11 +318,241 @@ def _run_on_devices(image: Path, out: Path, devices: int) -> dict:
 
 
 def test_four_devices_give_the_one_device_detections(crops, tmp_path):
+  # Tiles (tile_batch 4) and regions (a batch of the device count) alike.
   one = _run_on_devices(crops["300x260"], tmp_path / "d1.npz", 1)
   four = _run_on_devices(crops["300x260"], tmp_path / "d4.npz", 4)
-  assert len(one["xy"]) > 10
-  assert len(four["xy"]) == len(one["xy"])
-  np.testing.assert_allclose(four["xy"], one["xy"], atol=1e-4)
-  np.testing.assert_allclose(four["scores"], one["scores"], atol=1e-5)
-  np.testing.assert_array_equal(four["classes"], one["classes"])
+  for mode in ("tiles", "regions"):
+    assert len(one[f"{mode}_xy"]) > 5  # regions: top-40 of three large tiles
+    assert len(four[f"{mode}_xy"]) == len(one[f"{mode}_xy"])
+    np.testing.assert_allclose(four[f"{mode}_xy"], one[f"{mode}_xy"], atol=1e-4)
+    np.testing.assert_allclose(four[f"{mode}_scores"], one[f"{mode}_scores"], atol=1e-5)
+    np.testing.assert_array_equal(four[f"{mode}_classes"], one[f"{mode}_classes"])
 
+
+
+# --------------------------------------------------------------------------
+# Regions: the plan.
+
+@pytest.mark.parametrize("width,height,overlap,multiple,max_mpx", [
+    (7215, 5412, 64, 32, 12.0), (7215, 5412, 64, 2, 4.0), (300, 260, 32, 32, 0.037),
+    (300, 260, 32, 32, 1.0), (150, 130, 8, 2, 0.005), (83, 71, 16, 1, 0.0025),
+    (1000, 40, 64, 32, 0.01), (5, 3, 0, 32, 1.0)])
+def test_region_plan_covers_the_image_with_one_bounded_shape(width, height, overlap,
+                                                             multiple, max_mpx):
+  cfg = infer.TileConfig(overlap=overlap, mode="regions", multiple=multiple,
+                         region_max_mpx=max_mpx)
+  xs, ys, th, tw = infer.plan(width, height, cfg)
+  assert th % multiple == 0 and tw % multiple == 0
+  assert th * tw <= max_mpx * 1e6
+  for o, side, length in ((xs, tw, width), (ys, th, height)):
+    assert o[0] == 0 and o[-1] == max(length - side, 0)  # last flush (or one padded)
+    assert np.all(np.diff(o) <= side - overlap)  # neighbours overlap >= overlap
+    assert side < length + multiple  # padded at most to the multiple
+    covered = np.zeros(length, bool)
+    for s in o:
+      covered[s:s + side] = True
+    assert covered.all()
+  assert infer.pixels_processed(width, height, cfg) == len(xs) * len(ys) * th * tw
+
+
+def test_a_midog_image_costs_under_5_percent_extra_pixels_in_regions():
+  # The RetinaNet defaults (configs/retina.py): its stride multiple, overlap
+  # and region bound. Tiles of 512 px cost 29% extra on 7215 x 5412.
+  cfg = retina_config.get_config(None)
+  cfg.eval.inference = "regions"
+  multiple = interface.hook(detectors.build(cfg), "input_multiple")
+  assert multiple == 32
+  rcfg = infer.TileConfig.from_config(cfg.eval, multiple=multiple)
+  assert (rcfg.mode, rcfg.overlap, rcfg.multiple) == ("regions", 64, 32)
+  xs, ys, th, tw = infer.plan(7215, 5412, rcfg)
+  assert (len(xs), len(ys), tw, th) == (2, 2, 3648, 2752)
+  extra = infer.pixels_processed(7215, 5412, rcfg) / (7215 * 5412) - 1
+  assert 0 < extra <= 0.05
+  tiles = dataclasses.replace(rcfg, mode="tiles")
+  assert infer.pixels_processed(7215, 5412, tiles) / (7215 * 5412) - 1 > 0.28
+  # One shape for all regions, hence one compiled program per image size.
+  assert th * tw <= rcfg.region_max_mpx * 1e6
+
+
+def test_region_plan_refuses_a_bound_no_region_fits():
+  cfg = infer.TileConfig(overlap=64, mode="regions", multiple=32, region_max_mpx=0.001)
+  with pytest.raises(ValueError, match="region_max_mpx"):
+    infer.plan(7215, 5412, cfg)
+  with pytest.raises(ValueError, match="inference mode"):
+    infer.TileConfig(mode="region")
+
+
+def test_make_tiler_builds_regions_from_the_config(tiny_model):
+  cfg, _, variables = tiny_model
+  cfg = cfg.copy_and_resolve_references()
+  cfg.eval.inference, cfg.eval.region_max_mpx, cfg.eval.skip_blank = "regions", 2.0, True
+  tiler = evaluation.make_tiler(detectors.build(cfg), variables, cfg)
+  assert (tiler.tile_cfg.mode, tiler.tile_cfg.multiple) == ("regions", 32)
+  assert (tiler.tile_cfg.region_max_mpx, tiler.tile_cfg.skip_blank) == (2.0, True)
+  # Defaults, and configs saved before the keys existed: tiles.
+  del cfg.eval["inference"]
+  assert infer.TileConfig.from_config(cfg.eval).mode == "tiles"
+
+
+# --------------------------------------------------------------------------
+# Regions against tiles, with the real detector.
+#
+# The RetinaNet is "same"-padded, so a detection near a tile border depends on
+# where the border is; worse, its heads' GroupNorm normalises over the whole
+# tile, so every output depends on the tile's size and content. The network
+# of these tests is therefore the tiny RetinaNet WITHOUT its GroupNorm head
+# layers (head_depth 0: the heads are the predictor convolutions alone), a
+# local function of the image with a receptive field of about 260 px. On a
+# 1024 x 640 image (every size and step a multiple of the backbone's stride
+# 32, so every grid lies on the image's feature grid), tiles of 512 px with
+# an overlap of 448 own only points >= 224 px from their interior borders,
+# beyond that receptive field: their detections are those of the whole image
+# in one piece, and so must those of regions be. In-tile suppression and the
+# merge use a 1 px radius (distinct anchor centres are all kept), and the
+# top-k exceeds every tile's candidates, so no merge rule hides a difference.
+
+WIDE = (640, 1024)
+
+
+@pytest.fixture(scope="module")
+def local_model():
+  cfg = retina_config.get_config("tiny")
+  cfg.model.head_depth = 0  # no GroupNorm: a local network (see above)
+  cfg.model.topk = 2000
+  cfg.eval.merge_radius_px = 1.0  # in-tile suppression of one centre's anchors only
+  detector = detectors.build(cfg)
+  variables = detector.init_variables(jax.random.key(0, impl="rbg"))
+  return detector, variables
+
+
+@pytest.fixture(scope="module")
+def wide_run(synthetic_image, local_model):
+  """(image, tile function, config, the whole image's detections in one piece)."""
+  detector, variables = local_model
+  image = np.ascontiguousarray(np.pad(
+      synthetic_image, ((0, WIDE[0]), (0, WIDE[1]), (0, 0)), mode="reflect")[:WIDE[0], :WIDE[1]])
+  whole = infer.TileConfig(overlap=448, merge_radius=1.0, score_thresh=0.0, mode="regions",
+                           multiple=32, region_max_mpx=1.0)
+  assert infer.plan(WIDE[1], WIDE[0], whole)[2:] == WIDE  # one region: the image
+  # A threshold that keeps about 400 candidates, midway between two scores
+  # far apart compared with float noise.
+  s = np.sort(infer.detect(image, detector.make_tile_fn(0.0), variables, whole).scores)[::-1]
+  k = next(k for k in range(400, len(s) - 1) if s[k] - s[k + 1] > 1e-6)
+  thresh = float(s[k] + s[k + 1]) / 2
+  tile_fn = detector.make_tile_fn(thresh)
+  whole = dataclasses.replace(whole, score_thresh=thresh)
+  return image, tile_fn, whole, infer.detect(image, tile_fn, variables, whole)
+
+
+def _sorted(d):
+  o = np.lexsort((d.xy[:, 1], d.xy[:, 0]))
+  return d.xy[o], d.scores[o], d.classes[o]
+
+
+def _equal(a, b) -> bool:
+  """Same count, positions within 1 px, scores within 1e-4, same classes."""
+  if len(a) != len(b):
+    return False
+  (xa, sa, ca), (xb, sb, cb) = _sorted(a), _sorted(b)
+  return bool(np.abs(xa - xb).max() <= 1 and np.abs(sa - sb).max() <= 1e-4
+              and (ca == cb).all())
+
+
+def test_regions_and_tiles_find_the_whole_image_detections(local_model, wide_run):
+  _, variables = local_model
+  image, tile_fn, whole_cfg, whole = wide_run
+  assert len(whole) > 300
+  assert len(np.unique(whole.scores)) > 100
+  regions = dataclasses.replace(whole_cfg, region_max_mpx=0.5)
+  xs, ys, th, tw = infer.plan(WIDE[1], WIDE[0], regions)
+  assert (len(xs), len(ys), th, tw) == (2, 1, 640, 736)  # rectangles, not squares
+  tiles = dataclasses.replace(whole_cfg, mode="tiles", tile_size=512, tile_batch=4)
+  assert len(infer.plan(WIDE[1], WIDE[0], tiles)[0]) == 9
+  for cfg in (regions, tiles):
+    got = infer.detect(image, tile_fn, variables, cfg)
+    assert _equal(got, whole)
+    (x, s, _), (xw, sw, _) = _sorted(got), _sorted(whole)
+    np.testing.assert_allclose(x, xw, atol=1e-3)
+    np.testing.assert_allclose(s, sw, atol=1e-6)
+
+
+@pytest.mark.parametrize("tile,overlap", [
+    (512, 32),    # the overlap is far below the receptive field
+    (512, 432)])  # enough overlap, but origins step 80 px: off the stride-32 grid
+def test_tiles_near_borders_or_off_the_grid_do_differ(local_model, wide_run, tile, overlap):
+  # The case that must fail: the comparison above can see a difference.
+  _, variables = local_model
+  image, tile_fn, whole_cfg, whole = wide_run
+  cfg = dataclasses.replace(whole_cfg, mode="tiles", tile_size=tile, overlap=overlap,
+                            tile_batch=4)
+  assert not _equal(infer.detect(image, tile_fn, variables, cfg), whole)
+
+
+# --------------------------------------------------------------------------
+# Blank tiles and regions.
+
+def test_blank_rule_sees_any_stained_square_of_the_step():
+  big = np.full((2752, 3648, 3), 255, np.uint8)
+  assert infer.is_blank(big)
+  glass = np.random.default_rng(0).integers(185, 256, big.shape).astype(np.uint8)
+  assert infer.is_blank(glass)  # pale glass (all channels > 180) is blank
+  # One 20 x 20 px figure in a 10 Mpx region (0.004% of it; a fraction-of-area
+  # rule would drop the region), at every phase of the sampling grid; and an
+  # 8 x 8 px one, the smallest the rule promises to see.
+  for size in (20, infer.BLANK_STEP):
+    for off in range(infer.BLANK_STEP):
+      one = glass.copy()
+      one[1001 + off:1001 + off + size, 2003 + off:2003 + off + size] = (150, 60, 140)
+      assert not infer.is_blank(one)
+  # Only one channel darker than OD 0.15 (value 180) is enough.
+  stained = big.copy()
+  stained[::8, ::8] = (255, 179, 255)
+  assert not infer.is_blank(stained)
+  stained[::8, ::8] = (255, 181, 255)
+  assert infer.is_blank(stained)
+
+
+def _counting(tile_fn, calls: list):
+  """``tile_fn`` that records how many tiles each call gets (not jitted
+  itself, so ``for_platform`` leaves it as it is)."""
+  def fn(variables, tiles):
+    calls.append(tiles.shape[0])
+    return tile_fn(variables, tiles)
+  return fn
+
+
+@pytest.mark.parametrize("mode", ["tiles", "regions"])
+def test_white_half_is_not_computed_and_the_tissue_half_is_unchanged(
+    synthetic_image, tiny_model, mode):
+  cfg, tile_fn, variables = tiny_model
+  img = np.ascontiguousarray(synthetic_image[:260, :300])
+  img[:, 150:] = 255  # the right half: glass
+  tcfg = _tcfg(cfg, 1)
+  if mode == "regions":  # 3 x 1 regions of 128 x 288 px, one per step
+    tcfg = dataclasses.replace(tcfg, mode="regions", multiple=32, region_max_mpx=0.037)
+  xs, ys, th, tw = infer.plan(300, 260, tcfg)
+  white = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs)) if xs[ix] >= 150]
+  assert 0 < len(white) < len(xs) * len(ys)
+  calls_all, calls_skip = [], []
+  full = infer.detect(img, _counting(tile_fn, calls_all), variables, tcfg)
+  skip = infer.detect(img, _counting(tile_fn, calls_skip), variables,
+                      dataclasses.replace(tcfg, skip_blank=True))
+  assert len(calls_all) == len(xs) * len(ys)  # one tile per call (batch 1)
+  assert len(calls_skip) == len(xs) * len(ys) - len(white)
+  # The white tiles' share (beyond the ownership line in x) is empty; the
+  # rest is exactly the unskipped run's.
+  lo, _ = infer._ownership_bounds(xs, tw)
+  line = lo[np.searchsorted(xs, 150)]
+  assert len(full) > 10 and (full.xy[:, 0] >= line).any()
+  assert not (skip.xy[:, 0] >= line).any()
+  left = full.xy[:, 0] < line
+  _assert_same(skip, Detections(full.xy[left], full.scores[left], full.classes[left]))
+
+
+def test_a_blank_image_computes_nothing(tiny_model):
+  cfg, tile_fn, variables = tiny_model
+  calls = []
+  tcfg = dataclasses.replace(_tcfg(cfg, 4), skip_blank=True)
+  det = infer.detect(np.full((300, 400, 3), 240, np.uint8), _counting(tile_fn, calls),
+                     variables, tcfg)
+  assert calls == [] and len(det) == 0

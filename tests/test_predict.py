@@ -285,3 +285,23 @@ def test_tta_flag_runs_the_eight_views(workdir, images, tmp_path, capsys):
   assert predict.main([f"--workdir={workdir}", "--images", str(images["first"]),
                        "--out", str(tmp_path / "x"), "--exact_rotation"]) == 2
   assert "--exact_rotation is for the P4 method" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_inference_flag_picks_regions(workdir, images, tmp_path, capsys):
+  # --inference regions: the image in a few large regions of the RetinaNet's
+  # stride multiple (here one region: the tiny image is below the bound);
+  # --skip_blank reaches the tiler too; an unknown mode is a usage error.
+  p = predict.load_predictor(workdir, 0.0, inference="regions", skip_blank=True)
+  cfg = p.tiler.tile_cfg
+  assert (cfg.mode, cfg.multiple, cfg.skip_blank) == ("regions", 32, True)
+  assert predict.load_predictor(workdir, 0.0).tiler.tile_cfg.mode == "tiles"
+  assert predict.main([f"--workdir={workdir}", "--images", str(images["first"]),
+                       "--out", str(tmp_path / "r"), "--threshold", "0",
+                       "--inference", "regions"]) == 0
+  mm, prob, _ = _points(tmp_path / "r" / "001.json")
+  assert len(mm) > 0 and (prob >= 0).all() and (mm >= 0).all()
+  capsys.readouterr()
+  assert predict.main([f"--workdir={workdir}", "--images", str(images["first"]),
+                       "--out", str(tmp_path / "x"), "--inference", "region"]) == 2
+  assert "--inference" in capsys.readouterr().err

@@ -130,6 +130,13 @@ def eval_config() -> ml_collections.ConfigDict:
   e = ml_collections.ConfigDict()
   e.tile_size = 512
   e.tile_overlap = 64
+  # "tiles" (tile_size squares; one compiled program for every image size) or
+  # "regions" (a few large regions per image, padded only to the detector's
+  # stride multiple: 2.8% extra pixels on 7215x5412 instead of 29%; one
+  # compiled program per distinct image size). See infer.py.
+  e.inference = "tiles"
+  e.region_max_mpx = 12.0     # regions: largest region area in Mpx (bounds memory)
+  e.skip_blank = False        # skip tiles/regions without tissue (infer.is_blank)
   e.tile_batch = 8
   e.score_thresh = 0.05       # candidates kept for the threshold sweep
   e.merge_radius_px = 25.0    # distance suppression across tiles

@@ -178,6 +178,10 @@ HOOKS = {
     # object with detect(source) -> Detections: whole images without tiles
     # (Kondo's method: the image's candidates, then their patches).
     "make_tiler": "evaluation.py",
+    # input_multiple: int, the multiple whole-image regions' sides are
+    # rounded up to (eval.inference = "regions"; infer.TileConfig.multiple):
+    # the network's stride requirement. Default 1 (any size).
+    "input_multiple": "evaluation.py",
     # extra_validation(variables, cases, config) -> dict of scalars logged
     # beside the validation F1 (Kondo's candidate-level F1).
     "extra_validation": "evaluation.py",

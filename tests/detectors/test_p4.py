@@ -211,17 +211,33 @@ def test_tile_fn_returns_thresholded_local_maxima_inside_the_tile():
     assert (np.diff(s) <= 0).all() and not valid[b][valid[b].sum():].any()
 
 
-@pytest.mark.parametrize("tile,overlap", [(48, 8), (64, 20)])
-def test_tiled_detect_equals_whole_image_maxima(tile, overlap):
+def _regions(cfg: infer.TileConfig, method, max_px: int) -> infer.TileConfig:
+  """``cfg`` in regions mode: regions of at most ``max_px`` px, sides a
+  multiple of the detector's ``input_multiple``."""
+  cfg = dataclasses.replace(cfg, mode="regions", region_max_mpx=max_px / 1e6,
+                            multiple=interface.hook(method, "input_multiple"))
+  xs, ys, th, tw = infer.plan(150, 130, cfg)
+  assert len(xs) * len(ys) > 1 and th * tw <= max_px and th != tw
+  return cfg
+
+
+@pytest.mark.parametrize("tile,overlap,mode", [(48, 8, "tiles"), (64, 20, "tiles"),
+                                               (48, 8, "regions"), (64, 20, "regions")])
+def test_tiled_detect_equals_whole_image_maxima(tile, overlap, mode):
+  # Regions (several rectangles, even sides: the P4 input_multiple) are big
+  # tiles: the VALID dense map makes them exact too.
   method, config = _tiny_method(tile_size=tile, tile_overlap=overlap)
   rf = pr.receptive_field(method.plan)
   ctx = method.tile_context
   assert ctx == rf // 2 - 1
+  assert interface.hook(method, "input_multiple") == pr.STRIDE
   variables = _random_variables(method, rf, 3)
   image = _noisy_image(130, 150, 7)  # even sides; several tiles each way
   tile_fn = method.make_tile_fn(0.0)
   cfg = infer.TileConfig(tile_size=tile, overlap=overlap, tile_batch=4,
                          merge_radius=0.0, score_thresh=0.0, context=ctx)
+  if mode == "regions":
+    cfg = _regions(cfg, method, 5000)
   got = infer.detect(image, tile_fn, variables, cfg)
 
   # Reference: the whole image padded by the context (white, as the tile
@@ -239,8 +255,7 @@ def test_tiled_detect_equals_whole_image_maxima(tile, overlap):
   np.testing.assert_array_equal(got.xy[order(got.xy)], ref[order(ref)])
   np.testing.assert_allclose(got.scores[order(got.xy)], ref_s[order(ref)], rtol=1e-4)
   # With a merge radius the tiles' merge equals suppression on the whole map.
-  cfg = infer.TileConfig(tile_size=tile, overlap=overlap, tile_batch=4,
-                         merge_radius=6.0, score_thresh=0.0, context=ctx)
+  cfg = dataclasses.replace(cfg, merge_radius=6.0)
   got = infer.detect(image, tile_fn, variables, cfg)
   keep = infer.suppress_by_distance(ref, ref_s, 6.0)
   assert 0 < len(keep) < len(ref)
@@ -285,15 +300,22 @@ def test_the_stride_2_map_is_not_rotation_exact_on_odd_sizes():
   assert len(xy) != len(xy_r) or not np.array_equal(xy, xy_r)
 
 
-def test_exact_rotation_tiles_equal_the_whole_image_map():
+@pytest.mark.parametrize("mode", ["tiles", "regions"])
+def test_exact_rotation_tiles_equal_the_whole_image_map(mode):
   # Stride-1 map by hand: the network on the four one-pixel shifts of the
   # padded image, interleaved; strict maxima with the same radius in pixels.
+  # Regions: rectangles at odd origins (the stride-1 map needs no multiple).
   method, config = _tiny_method(tile_size=48, tile_overlap=16, exact_rotation=True)
   rf, ctx = method.rf, method.tile_context
+  assert interface.hook(method, "input_multiple") == 1
   variables = _random_variables(method, rf, 3)
   image = _noisy_image(71, 83, 7)  # odd sides; several odd tile origins
   cfg = infer.TileConfig(tile_size=48, overlap=16, tile_batch=4, merge_radius=0.0,
                          score_thresh=0.0, context=ctx)
+  if mode == "regions":
+    cfg = dataclasses.replace(cfg, mode="regions", region_max_mpx=0.0025, multiple=1)
+    xs, ys, th, tw = infer.plan(83, 71, cfg)
+    assert len(xs) * len(ys) > 1 and th != tw and (xs % 2).any() and (ys % 2).any()
   got = infer.detect(image, method.make_tile_fn(0.0), variables, cfg)
   padded = np.pad(image, ((ctx, ctx + 1), (ctx, ctx + 1), (0, 0)), constant_values=255)
   full = np.full((padded.shape[0] - rf + 1, padded.shape[1] - rf + 1), np.nan, np.float32)

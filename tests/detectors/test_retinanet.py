@@ -293,3 +293,32 @@ def test_postprocess_per_class_and_agnostic():
   _, _, classes, valid = run(*args, topk=4, class_agnostic=True)
   assert int(valid.sum()) == 2
   np.testing.assert_array_equal(classes[0, :2], [0, 0])
+
+
+def test_detector_takes_rectangular_tiles():
+  # Whole-image regions are rectangles: the anchors, the model.resize_to
+  # rescale and the tile function all take (h, w); an int is a square.
+  from midog_jax import config_files, detectors  # pylint: disable=g-import-not-at-top
+  h, w = 64, 100
+  for resize_to in (0, 96):
+    cfg = config_files.get_config("retina", "tiny")
+    cfg.data.patch_size, cfg.model.resize_to = 64, resize_to
+    det = detectors.build(cfg)
+    r = (resize_to or 64) / 64
+    net = det.net_size((h, w))
+    assert net == (round(h * r), round(w * r)) and det.net_size(h) == det.net_size((h, h))
+    a = np.asarray(det.anchors((h, w)))
+    want = A.generate_anchors(net, tuple(cfg.model.levels), det._sizes())
+    scale = np.asarray([w / net[1], h / net[0]] * 2, np.float32)
+    np.testing.assert_allclose(a, want * scale, rtol=1e-6)
+    assert np.allclose(a, want) == (not resize_to)  # x and y scaled back, separately
+    np.testing.assert_array_equal(np.asarray(det.anchors(h)), np.asarray(det.anchors((h, h))))
+  # The tile function (resize_to 96: the network sees 96 x 150) on rectangles.
+  variables = det.init_variables(jax.random.key(0, impl="rbg"))
+  tiles = np.random.default_rng(0).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+  (cls, _), _ = jax.jit(lambda v, x: det._apply(v, x, train=False))(variables, tiles)
+  assert cls.shape[1] == a.shape[0]
+  pts, _, _, valid = map(np.asarray, det.make_tile_fn(0.0)(variables, tiles))
+  p = pts[valid]
+  assert len(p) and (p > -25).all() and (p[:, 0] < w + 25).all() and (p[:, 1] < h + 25).all()
+  assert p[:, 0].max() > h  # points along the long side too

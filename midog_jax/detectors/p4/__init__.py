@@ -119,9 +119,14 @@ class P4Detector:
     if window < 1 or window % 2 == 0:
       raise ValueError(f"model.peak_window must be odd and positive, got {window}")
     self.exact_rotation = bool(config.eval.get("exact_rotation", False))
+    # Region sides (``infer.TileConfig.multiple``, the ``input_multiple``
+    # hook): even, so every region's stride-2 map lies on the image's grid as
+    # the tiles' maps do; the stride-1 map needs nothing.
+    self.input_multiple = pr.STRIDE
     if self.exact_rotation:
       # Stride-1 maps: r outputs beyond each image border (module docstring).
       self.tile_context = self.rf // 2 + 2 * (window // 2)
+      self.input_multiple = 1
     self._check_tiling(config.eval, window)
 
   def _check_tiling(self, e, window: int) -> None:
@@ -208,8 +213,8 @@ class P4Detector:
     def dense_logits(variables, tiles):
       if not self.exact_rotation:
         return self._apply(variables, tiles, train=False)[0][..., 0]
-      n = tiles.shape[1] - 1  # every phase crop has the same size
-      phases = [self._apply(variables, tiles[:, dy:dy + n, dx:dx + n], train=False)[0][..., 0]
+      n, m = tiles.shape[1] - 1, tiles.shape[2] - 1  # every phase crop has one size
+      phases = [self._apply(variables, tiles[:, dy:dy + n, dx:dx + m], train=False)[0][..., 0]
                 for dy in (0, 1) for dx in (0, 1)]
       b, mh, mw = phases[0].shape
       # (dy, dx, B, mh, mw) -> (B, mh, dy, mw, dx): output (i, j) of phase

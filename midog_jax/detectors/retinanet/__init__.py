@@ -50,6 +50,12 @@ class RetinaNetDetector:
 
   name = "retinanet"
   tile_context = 0  # "same"-padded convolutions: tiles need no extra border
+  # Region sides are rounded up to this (``infer.TileConfig.multiple``, the
+  # ``input_multiple`` hook): the backbone's C5 stride, torchvision's
+  # ``size_divisible``. Any input size works (level maps are ceil(size /
+  # 2**l), the FPN upsamples to the lateral's shape); the multiple only
+  # spares partial cells at the far border.
+  input_multiple = 32
 
   def __init__(self, config):
     m = config.model
@@ -83,31 +89,47 @@ class RetinaNetDetector:
     s = self.cfg.anchor_sizes
     return tuple(tuple(x) for x in s) if s else anchors_lib.default_sizes(tuple(self.cfg.levels))
 
-  def net_size(self, size: int) -> int:
-    """The side the network sees for a ``size`` px input (``model.resize_to``)."""
-    if not self.resize_to:
-      return size
-    return max(1, int(round(size * self.resize_to / self.patch_size)))
+  @staticmethod
+  def _hw(size) -> tuple[int, int]:
+    """(height, width) of ``size``: one int (a square) or a pair."""
+    if isinstance(size, (tuple, list)):
+      return int(size[0]), int(size[1])
+    return int(size), int(size)
 
-  def anchors(self, size: int) -> jax.Array:
-    """(A, 4) anchors of a ``size`` x ``size`` input, in the model's output order.
+  def net_size(self, size) -> tuple[int, int]:
+    """(rows, cols) the network sees for a ``size`` (int or (h, w)) px input
+    (``model.resize_to``)."""
+    h, w = self._hw(size)
+    if not self.resize_to:
+      return h, w
+    r = self.resize_to / self.patch_size
+    return max(1, int(round(h * r))), max(1, int(round(w * r)))
+
+  def anchors(self, size) -> jax.Array:
+    """(A, 4) anchors of a ``size`` (int: a square, or (h, w)) input, in the
+    model's output order.
 
     With ``resize_to`` they are the anchors of the resized input scaled back
-    to input pixels: box coding and IoU are scale-invariant, so this is
-    torchvision's resize -> detect -> scale boxes back.
+    to input pixels (x by w / net_w, y by h / net_h): box coding and IoU are
+    scale-invariant, so this is torchvision's resize -> detect -> scale boxes
+    back.
     """
-    net = self.net_size(size)
+    h, w = self._hw(size)
+    net = self.net_size((h, w))
     a = anchors_lib.generate_anchors(
-        (net, net), tuple(self.cfg.levels), self._sizes(),
+        net, tuple(self.cfg.levels), self._sizes(),
         tuple(self.cfg.anchor_ratios), torchvision_exact=self.torchvision_anchors)
-    return jnp.asarray(a if net == size else a * np.float32(size / net))
+    if net == (h, w):
+      return jnp.asarray(a)
+    sx, sy = np.float32(w / net[1]), np.float32(h / net[0])
+    return jnp.asarray(a * np.asarray([sx, sy, sx, sy], np.float32))
 
   def _apply(self, variables: dict, images_uint8: jax.Array, train: bool):
     x = interface.normalize(images_uint8, self.input_mean, self.input_std)
-    net = self.net_size(x.shape[1])
-    if net != x.shape[1]:
+    net = self.net_size(x.shape[1:3])
+    if net != tuple(x.shape[1:3]):
       # torch interpolate(bilinear, align_corners=False): no antialiasing.
-      x = jax.image.resize(x, (x.shape[0], net, net, x.shape[3]), "bilinear",
+      x = jax.image.resize(x, (x.shape[0], *net, x.shape[3]), "bilinear",
                            antialias=False)
     if train and "batch_stats" in variables:
       out, upd = self.model.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -147,7 +169,7 @@ class RetinaNetDetector:
     (cls, box), new_stats = self._apply(variables, images, train)
     boxes, gt_cls, mask = self._targets(batch)
     parts = losses.retinanet_loss(
-        cls, box, self.anchors(images.shape[1]), boxes, gt_cls, mask,
+        cls, box, self.anchors(images.shape[1:3]), boxes, gt_cls, mask,
         box_loss=self.cfg.box_loss, alpha=self.cfg.focal_alpha,
         gamma=self.cfg.focal_gamma)
     # Normalised by the positive anchors of the GLOBAL batch: under jit the
@@ -164,7 +186,7 @@ class RetinaNetDetector:
     def tile_fn(variables, tiles):
       (cls, box), _ = self._apply(variables, tiles, train=False)
       pts, scores, classes, valid = decode.postprocess(
-          cls, box, self.anchors(tiles.shape[1]), score_thresh=thresh, topk=topk,
+          cls, box, self.anchors(tiles.shape[1:3]), score_thresh=thresh, topk=topk,
           radius=radius, class_agnostic=True)
       # Class index 0 is the mitotic figure; 1 (imposter class) -> IMPOSTER.
       return pts, scores, jnp.where(classes == 0, MITOSIS, IMPOSTER), valid

@@ -14,7 +14,7 @@ combination). ``--mode regions`` cuts the image into a few large regions
 instead (``infer.plan``; the tile size and batch do not apply: one region
 per device per step); every line reports ``mpx_processed`` (what the network
 sees) and ``extra_pixel_fraction`` (over the image's own pixels). ``--quick`` uses the small ``quick`` model (a smoke run).
-``infer.detect`` compiles the detector with ``infer.CPU_COMPILER_OPTIONS``
+``infer.detect`` compiles the detector with ``parallel.CPU_COMPILER_OPTIONS``
 on CPU (XLA's own convolutions instead of YNNPACK's); ``--xla_defaults``
 measures XLA's default options instead, for comparison.
 
@@ -76,7 +76,7 @@ def matmul_gflops(n: int = 4096, reps: int = 4) -> tuple[float, float]:
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
   best_rate = best_cpu_rate = 0.0
-  for opts in (None, dict(infer.CPU_COMPILER_OPTIONS) or None):
+  for opts in (None, dict(parallel.CPU_COMPILER_OPTIONS) or None):
     f = jax.jit(jnp.matmul).lower(a, b).compile(compiler_options=opts)
     flops = _flops(f)
     f(a, b).block_until_ready()
@@ -179,7 +179,7 @@ def measure(path: Path, method, variables, cfg, tile_size: int,
       device_kind=jax.devices()[0].device_kind, platform=jax.default_backend(),
       device_count=jax.device_count(), cpu_count=os.cpu_count(),
       xla_flags=os.environ.get("XLA_FLAGS", ""),
-      cpu_compiler_options=infer.CPU_COMPILER_OPTIONS,
+      cpu_compiler_options=parallel.CPU_COMPILER_OPTIONS,
       # Other processes on the machine make every figure here slower.
       load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
       # CPU time of this process over (wall time x cores): 1.0 = it had the
@@ -224,7 +224,7 @@ def main(argv=None) -> None:
   p.add_argument("--no-breakdown", dest="breakdown", action="store_false")
   p.add_argument("--xla_defaults", action="store_true",
                  help="compile the detector with XLA's default CPU options "
-                 "(YNNPACK convolutions) instead of infer.CPU_COMPILER_OPTIONS")
+                 "(YNNPACK convolutions) instead of parallel.CPU_COMPILER_OPTIONS")
   p.add_argument("--quick", action="store_true",
                  help="the small 'quick' model (smoke run)")
   p.add_argument("--tta", action="store_true",
@@ -236,7 +236,7 @@ def main(argv=None) -> None:
                  help="regions: largest region in Mpx (default: config.eval.region_max_mpx)")
   args = p.parse_args(argv)
   if args.xla_defaults:
-    infer.CPU_COMPILER_OPTIONS = {}
+    parallel.CPU_COMPILER_OPTIONS = {}
 
   cfg = config_files.get_config("retina", "quick" if args.quick else None)
   if args.backbone:

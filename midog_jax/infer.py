@@ -68,26 +68,19 @@ from midog_jax.data import stain
 from midog_jax.detections import Detections, suppress_by_distance  # noqa: F401
 from midog_jax.detectors.interface import TileFn
 
-# XLA options for the tile function on CPU. XLA:CPU hands convolutions to
-# YNNPACK by default; on a 2-core AVX-512 Xeon the ResNet-50 RetinaNet took
-# 188 s per 7215x5412 image that way (51% of a float32 matmul's FLOP/s) and
-# 138 s with XLA's own (Eigen) convolutions (75-83%); compute alone, tile
-# batches ran 1.4-1.6x faster (benchmarks/inference.py). Set to {} to keep
-# XLA's defaults. Ignored on other platforms.
-CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
 def for_platform(tile_fn: TileFn) -> TileFn:
-  """``tile_fn`` compiled with :data:`CPU_COMPILER_OPTIONS` when running on CPU.
+  """``tile_fn`` compiled with ``parallel.compiler_options()`` (on CPU: XLA's own
+  convolutions, ``parallel.CPU_COMPILER_OPTIONS``).
 
   Re-wrapping the same function hits jit's cache, so calling this per image
   does not recompile.
   """
   # Only jitted JAX functions (they have ``lower``) are recompiled: a plain
   # callable, such as an eager reference detector in a benchmark, runs as given.
-  if jax.default_backend() != "cpu" or not CPU_COMPILER_OPTIONS or not hasattr(tile_fn, "lower"):
+  opts = parallel.compiler_options()
+  if opts is None or not hasattr(tile_fn, "lower"):
     return tile_fn
-  return jax.jit(tile_fn, compiler_options=dict(CPU_COMPILER_OPTIONS))
+  return jax.jit(tile_fn, compiler_options=opts)
 
 
 MODES = ("tiles", "regions")

@@ -22,7 +22,8 @@ DATA = "data"
 # CPU. XLA:CPU hands convolutions to YNNPACK by default; on a 2-core AVX-512
 # Xeon the ResNet-50 RetinaNet took 188 s per 7215x5412 image that way (51% of
 # a float32 matmul's FLOP/s) and 138 s with XLA's own (Eigen) convolutions
-# (75-83%; benchmarks/inference.py); the training step is faster with them too
+# (75-83%; compute alone, tile batches ran 1.4-1.6x faster;
+# benchmarks/inference.py); the training step is faster with them too
 # (benchmarks/train_step.py, whose --xla_defaults times the other).
 # Set to {} to keep XLA's defaults. Ignored on other platforms.
 CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}

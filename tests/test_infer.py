@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from midog_jax import detectors, evaluation, infer
+from midog_jax import detectors, evaluation, infer, parallel
 from configs import retina as retina_config
 from midog_jax.data import slides, synthetic
 from midog_jax.detections import Detections
@@ -246,11 +246,11 @@ def test_detections_do_not_depend_on_the_tile_batch(crops, tiny_model):
 
 
 def test_cpu_compiler_options_do_not_change_detections(crops, tiny_model, monkeypatch):
-  # detect() compiles the detector with infer.CPU_COMPILER_OPTIONS on CPU
+  # detect() compiles the detector with parallel.CPU_COMPILER_OPTIONS on CPU
   # (XLA's own convolutions, for speed); XLA's defaults must agree.
   cfg, tile_fn, variables = tiny_model
   tuned = infer.detect(crops["300x260"], tile_fn, variables, _tcfg(cfg, 4))
-  monkeypatch.setattr(infer, "CPU_COMPILER_OPTIONS", {})
+  monkeypatch.setattr(parallel, "CPU_COMPILER_OPTIONS", {})
   assert infer.for_platform(tile_fn) is tile_fn
   default = infer.detect(crops["300x260"], tile_fn, variables, _tcfg(cfg, 4))
   assert len(default) > 10

@@ -8,6 +8,7 @@ the weights) and prints one JSON object per measurement::
   python benchmarks/inference.py [--data data/bench_midog21] [--tile_size 512]
       [--tile_batch 8] [--backbone resnet50] [--repeats 1] [--xla_defaults]
       [--quick] [--tta] [--mode tiles|regions] [--region_max_mpx 12]
+      [--dtype float32|bfloat16]
 
 ``--tile_size`` and ``--tile_batch`` take comma-separated lists (one line per
 combination). ``--mode regions`` cuts the image into a few large regions
@@ -234,6 +235,8 @@ def main(argv=None) -> None:
                  "per image; --tile_size/--tile_batch do not apply)")
   p.add_argument("--region_max_mpx", type=float, default=None,
                  help="regions: largest region in Mpx (default: config.eval.region_max_mpx)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="config.model.compute_dtype (mixed precision)")
   args = p.parse_args(argv)
   if args.xla_defaults:
     parallel.CPU_COMPILER_OPTIONS = {}
@@ -241,6 +244,7 @@ def main(argv=None) -> None:
   cfg = config_files.get_config("retina", "quick" if args.quick else None)
   if args.backbone:
     cfg.model.backbone = args.backbone
+  cfg.model.compute_dtype = args.dtype
   path = ensure_image(Path(args.data))
   mesh = parallel.local_mesh()
   # Parameters do not depend on the input size: initialise on a small patch.
@@ -254,9 +258,9 @@ def main(argv=None) -> None:
   tiled = args.mode == "tiles"  # regions: one line, the sizes do not apply
   for tile_size in (tiled and _ints(args.tile_size)) or [cfg.eval.tile_size]:
     for tile_batch in (tiled and _ints(args.tile_batch)) or [cfg.eval.tile_batch]:
-      print(json.dumps(measure(path, method, variables, cfg, tile_size, tile_batch,
-                               mesh, args.repeats, args.breakdown, matmul_before,
-                               args.tta, args.mode, region_max)),
+      print(json.dumps(dict(measure(path, method, variables, cfg, tile_size, tile_batch,
+                                    mesh, args.repeats, args.breakdown, matmul_before,
+                                    args.tta, args.mode, region_max), dtype=args.dtype)),
             flush=True)
 
 

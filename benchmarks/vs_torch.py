@@ -1,7 +1,7 @@
 """Whole-ROI inference of the ResNet-50 RetinaNet: ours (JAX) and torchvision's, same run.
 
   python benchmarks/vs_torch.py [--data data/bench_midog21] [--tile_size 512]
-      [--overlap 64] [--tile_batch 8] [--crop WxH] [--repeats 1]
+      [--overlap 64] [--tile_batch 8] [--crop WxH] [--repeats 1] [--no_regions]
 
 Both detectors run on the same 7215x5412 synthetic image (``inference.py``'s
 ``ensure_image``; ``--crop 1024x1024`` takes a centred crop for a quick
@@ -33,13 +33,19 @@ the time; against a float32 matmul timed here before and after, as
 ``inference.py``), ``cpu_share`` (this process's CPU time over wall time x
 cores per repeat: well below 1 means other processes had the CPU),
 ``detections``; and ``ratio_torch_over_ours`` / ``compute_ratio_torch_over_ours``
-(> 1: ours is faster). Without torch/torchvision, one line says so and only
+(> 1: ours is faster). ``ours_regions`` (unless ``--no_regions``) is ours
+again with the image cut into a few large regions (``--inference regions``
+of ``predict``: 2 x 2 regions of 3648 x 2752 px for 7215 x 5412, 2.8% extra
+pixels against the tiles' 29%), with ``*_ratio_torch_over_ours_regions``;
+its compute time is one batch of regions (one per device) times the
+batches, its FLOPs XLA's count of that program. Without torch/torchvision, one line says so and only
 ours is timed (exit 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -184,6 +190,8 @@ def main(argv=None) -> None:
   p.add_argument("--tile_batch", type=int, default=0, help="default: config.eval.tile_batch")
   p.add_argument("--crop", default="", help="WxH: a centred crop of the ROI (quick check)")
   p.add_argument("--repeats", type=int, default=1, help="timed ROIs per implementation")
+  p.add_argument("--no_regions", dest="regions", action="store_false",
+                 help="skip ours in regions mode (infer.plan: a few large regions per image)")
   a = p.parse_args(argv)
   cfg = config_files.get_config("retina")
   tcfg = infer.TileConfig(
@@ -247,37 +255,58 @@ def main(argv=None) -> None:
           flush=True)
 
   calls = max(2, a.repeats)
-  impls = {"ours": (tile_fn, variables)}
+  w, h, read = infer.image_reader(source())
+  n_tiles = (len(infer.tile_origins(w, tcfg.tile_size, tcfg.overlap))
+             * len(infer.tile_origins(h, tcfg.tile_size, tcfg.overlap)))
+  batches = -(-n_tiles // tcfg.tile_batch)
+  impls = {"ours": (tile_fn, variables, tcfg)}
   compute = {"ours": best_call(lambda: run(variables, batch), calls)}
+  work = {"ours": (flops_per_tile * n_tiles, flops_per_tile * tcfg.tile_batch * batches,
+                   batches)}
+  if a.regions:  # ours again, the image cut into a few large regions (infer.plan)
+    rcfg = dataclasses.replace(tcfg, mode="regions", multiple=method.input_multiple)
+    xs, ys, th, tw = infer.plan(w, h, rcfg)
+    n_dev = mesh.devices.size
+    rb = jax.device_put(np.stack([read(int(x), int(y), tw, th) for y in ys for x in xs][:n_dev]),
+                        parallel.data_sharding(mesh))
+    r_batches = -(-len(xs) * len(ys) // n_dev)
+    r_flops = _flops(run.lower(variables, rb).compile()) * r_batches
+    impls["ours_regions"] = (tile_fn, variables, rcfg)
+    compute["ours_regions"] = best_call(lambda: run(variables, rb), calls)  # compiles it too
+    work["ours_regions"] = (r_flops, r_flops, r_batches)
+    region_info = dict(regions=[len(xs), len(ys)], region_size=[tw, th],
+                       region_mpx_processed=round(len(xs) * len(ys) * tw * th / 1e6, 2))
   if torch is not None:
-    impls["torch"] = (torch_fn, None)  # eager: infer.for_platform leaves it as is
+    impls["torch"] = (torch_fn, None, tcfg)  # eager: infer.for_platform leaves it as is
     compute["torch"] = best_call(lambda: torch_fn(None, tiles_np), calls)
+    work["torch"] = work["ours"]
   times, cpu, n_det = {n: [] for n in impls}, {n: [] for n in impls}, {}
   load_before = os.getloadavg()[0]
-  for _ in range(a.repeats):  # interleaved, so a change of load hits both alike
-    for name, (fn, v) in impls.items():
+  for _ in range(a.repeats):  # interleaved, so a change of load hits all alike
+    for name, (fn, v, cfg_i) in impls.items():
       t0, c0 = time.perf_counter(), time.process_time()
-      n_det[name] = len(infer.detect(source(), fn, v, tcfg, mesh))
+      n_det[name] = len(infer.detect(source(), fn, v, cfg_i, mesh))
       times[name].append(time.perf_counter() - t0)
       cpu[name].append(time.process_time() - c0)
   matmul = max(matmul_before[0], matmul_gflops()[0])
 
-  w, h, _ = infer.image_reader(source())
-  n_tiles = (len(infer.tile_origins(w, tcfg.tile_size, tcfg.overlap))
-             * len(infer.tile_origins(h, tcfg.tile_size, tcfg.overlap)))
-  batches = -(-n_tiles // tcfg.tile_batch)
   out = dict(benchmark="vs_torch", image_size=[w, h], crop=a.crop or None, tiles=n_tiles,
              tile_size=tcfg.tile_size, overlap=tcfg.overlap, tile_batch=tcfg.tile_batch,
              batches=batches, repeats=a.repeats, flops_per_tile=flops_per_tile,
              matmul_gflops_per_s=round(matmul, 2), compile_s=round(compile_s, 1))
+  if a.regions:
+    out.update(region_info)
   for name in impls:
     sec_batch, share = compute[name]
-    out[name] = summary(times[name], cpu[name], sec_batch * batches, share,
-                        flops_per_tile * n_tiles, flops_per_tile * tcfg.tile_batch * batches,
-                        matmul, n_det[name])
+    flops_roi, flops_batches, n_batches = work[name]
+    out[name] = summary(times[name], cpu[name], sec_batch * n_batches, share,
+                        flops_roi, flops_batches, matmul, n_det[name])
   if torch is not None:  # > 1: ours is faster
-    for k, field in (("", "seconds_per_roi"), ("compute_", "compute_s_per_roi")):
-      out[f"{k}ratio_torch_over_ours"] = round(out["torch"][field] / out["ours"][field], 3)
+    for mine in [m for m in impls if m.startswith("ours")]:
+      tag = mine[len("ours"):]
+      for k, field in (("", "seconds_per_roi"), ("compute_", "compute_s_per_roi")):
+        out[f"{k}ratio_torch_over_ours{tag}"] = round(
+            out["torch"][field] / out[mine][field], 3)
   out.update(info, platform=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
              cpu_count=os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""),
              load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])

@@ -24,15 +24,23 @@ import optax
 from midog_jax import checkpoint as ckpt_lib
 from midog_jax import detectors, evaluation, optim, parallel, signals
 from midog_jax.detectors import interface
-from midog_jax.data import experiment, pipeline
-from midog_jax.errors import NonFiniteLossError, Stopped
+from midog_jax.data import augment_device, experiment, pipeline
+from midog_jax.errors import DataError, NonFiniteLossError, Stopped
 from midog_jax.fileio import write_json_atomic
 from midog_jax.metric_writer import MetricWriter, Progress, accumulate, example_image
 from midog_jax.workdir import WorkdirLock, check_resume_config
 
 
-def train_step(state, batch, *, detector, tx):
-  """One optimisation step on the global batch."""
+def train_step(state, batch, *, detector, tx, augment=None):
+  """One optimisation step on the global batch.
+
+  ``augment``: ``(step, batch) -> batch``, the device augmentation
+  (``config.data.augment_on = "device"``), applied to the raw crops before the
+  loss; keyed by the state's step, so a resumed run augments identically.
+  """
+  if augment is not None:
+    batch = augment(state["step"], batch)
+
   def loss_fn(params):
     return detector.loss(params, state["batch_stats"], batch, train=True)
 
@@ -115,6 +123,14 @@ def _train_and_evaluate(config, workdir: Path, negatives, writer) -> dict:
   log(f"data: {data.describe()}")
   patch_cfg = pipeline.PatchConfig.from_config(config.data,
                                                patch_size=detector.patch_size)
+  augment = None
+  if patch_cfg.augment_on == "device":
+    if make_dataset is not pipeline.make_dataset:
+      raise DataError(None, f"data.augment_on='device' needs the patch pipeline; method "
+                      f"{config.method!r} builds its own datasets: use 'host'")
+    augment = functools.partial(augment_device.augment_batch,
+                                augment_device.DeviceAugmenter.from_patch_config(patch_cfg),
+                                config.seed)
   shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_ds = make_dataset(
       data.pool_cases if negatives is not None else data.train, patch_cfg,
@@ -163,7 +179,8 @@ def _train_and_evaluate(config, workdir: Path, negatives, writer) -> dict:
   # On CPU with XLA's own convolutions (parallel.CPU_COMPILER_OPTIONS: faster
   # than YNNPACK's for these networks, forward and backward).
   opts = parallel.compiler_options()
-  step_fn = jax.jit(functools.partial(train_step, detector=detector, tx=tx),
+  step_fn = jax.jit(functools.partial(train_step, detector=detector, tx=tx,
+                                      augment=augment),
                     in_shardings=(repl, data_sh), out_shardings=(repl, repl),
                     donate_argnums=0, compiler_options=opts)
   eval_fn = jax.jit(functools.partial(eval_loss_step, detector=detector),

@@ -36,6 +36,13 @@ RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "checkpoint_every",
                   "eval.region_max_mpx", "eval.skip_blank", "model.compute_dtype",
                   "model.dtype")
 
+# Keys added after workdirs were already saved without them, with the value
+# that reproduces what those runs did: a saved config that lacks one of them
+# counts as having this value (so an old host-augmented run still resumes,
+# and resuming it with device augmentation is refused).
+ADDED_KEYS: dict[str, Any] = {"data.augment_on": "host"}
+_ABSENT = "<absent>"
+
 
 def has_checkpoint(workdir: str | os.PathLike) -> bool:
   """True when the workdir holds a saved training step (a resume)."""
@@ -48,9 +55,11 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
   a, b = flatten(old), flatten(new)
   out = []
   for key in sorted(set(a) | set(b)):
-    if key in RESUMABLE_KEYS or a.get(key) == b.get(key):
+    was = a.get(key, ADDED_KEYS.get(key, _ABSENT))
+    now = b.get(key, _ABSENT)
+    if key in RESUMABLE_KEYS or was == now:
       continue
-    out.append(f"{key} (was {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r})")
+    out.append(f"{key} (was {was!r}, now {now!r})")
   return out
 
 

@@ -128,3 +128,21 @@ def test_resume_with_a_changed_config_is_refused_before_writing(ref_run, tiny_da
   assert "Traceback" not in r.stderr
   assert (work / "config.json").read_bytes() == before
   assert not (work / ".lock").exists()
+
+
+def test_device_augmentation_resumes_identically(tiny_dataset, tmp_path, ref):
+  """data.augment_on='device': keys from (seed, step, example), so a run that
+  stops after step 2 and resumes logs the losses of one that did not stop
+  (and the device path really changes the batches: not the host's losses)."""
+  device = ["--config.data.augment_on=device", "--config.checkpoint_every=2"]
+  straight = tmp_path / "straight"
+  run_training(tiny_dataset, straight, *device, "--config.total_steps=4")
+  split = tmp_path / "split"
+  run_training(tiny_dataset, split, *device, "--config.total_steps=2")
+  r = run_training(tiny_dataset, split, *device, "--config.total_steps=4")
+  assert "resumed from" in r.stdout
+  a, b = logged_losses(straight), logged_losses(split)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)],
+                             rtol=1e-5, atol=1e-6)
+  assert not np.allclose([a[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)])

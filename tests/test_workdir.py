@@ -72,3 +72,16 @@ def test_resumable_keys_and_fresh_workdirs_pass(tmp_path):
   check_resume_config(tmp_path, dict(seed=5))  # nothing to resume: no check
   (tmp_path / "config.json").write_text(json.dumps(old))
   check_resume_config(tmp_path, dict(seed=5))  # a config but no checkpoint yet
+
+
+def test_keys_added_later_count_as_their_old_behaviour():
+  # A workdir saved before data.augment_on existed trained with host
+  # augmentation: resuming it on the host is fine, on the device is not.
+  old = {"data": {"patch_size": 256}, "seed": 0}
+  same = {"data": {"patch_size": 256, "augment_on": "host"}, "seed": 0}
+  other = {"data": {"patch_size": 256, "augment_on": "device"}, "seed": 0}
+  assert config_differences(old, same) == []
+  assert config_differences(old, other) == ["data.augment_on (was 'host', now 'device')"]
+  # A key that is not listed as added stays a difference when absent.
+  assert config_differences(old, {"data": {"patch_size": 256, "shift": 8}, "seed": 0}) == [
+      "data.shift (was '<absent>', now 8)"]

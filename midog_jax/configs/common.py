@@ -107,6 +107,12 @@ def data_config() -> ml_collections.ConfigDict:
   d.elastic_sigma = 8.0
   d.colour = "rgb"
   d.colour_strength = 0.1
+  # Where training patches are augmented: "host" (numpy in the grain workers,
+  # data/augment.py) or "device" (the workers only read uint8 crops with the
+  # margin; data/augment_device.py runs the same chain in the jitted train
+  # step, keyed by (seed, step, example), for hosts with few cores per
+  # accelerator). Patch-pipeline methods only (RetinaNet, P4 ResNet).
+  d.augment_on = "host"
   d.val_patches = 64          # fixed validation patches for the validation loss
   return d
 

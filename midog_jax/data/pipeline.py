@@ -4,7 +4,10 @@ The stream is a ``grain.MapDataset`` over global example indices. Example ``i``
 is a pure function of ``(seed, i)``: its own ``np.random.Generator`` picks the
 case and the patch window (``sampling.py``), the window is read lazily
 (``slides.py``) with a margin for shifts and elastic warps, and augmented
-(``augment.py``, whose random shift crops the margin off again). Because
+(``augment.py``, whose random shift crops the margin off again). With
+``augment_on = "device"`` training examples stay the uint8 crop with its
+margin, points in crop coordinates and the example's ``index``;
+``augment_device.augment_batch`` augments them in the jitted train step. Because
 examples are made *before* the stream is sliced per process, the set of
 examples in global batch ``s`` does not depend on the number of processes
 (hosts): process ``p`` of ``P`` takes examples ``p, p + P, ...``. Batches have
@@ -32,6 +35,7 @@ from midog_jax.data.midog import IMPOSTER, MITOSIS, Case
 # Far larger than any run needs; MapDataset is lazy so this costs nothing.
 _INFINITE = 2 ** 40
 STRATEGIES = ("mitosis_centred", "imposter_centred", "random", "balanced")
+AUGMENT_ON = ("host", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +55,15 @@ class PatchConfig:
   elastic_sigma: float = 8.0
   colour: str = "rgb"                 # "rgb" (CA-RGB), "od" (CA-OD) or "none"
   colour_strength: float = 0.1
+  augment_on: str = "host"            # "host" (grain workers) | "device" (train step)
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
       raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
     if self.colour not in ("rgb", "od", "none"):
       raise ValueError(f"colour must be rgb, od or none, got {self.colour!r}")
+    if self.augment_on not in AUGMENT_ON:
+      raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {self.augment_on!r}")
 
   @classmethod
   def from_config(cls, cfg: Any, **overrides) -> "PatchConfig":
@@ -115,6 +122,8 @@ class PatchMaker:
     self.cfg = cfg
     self.seed = int(seed)
     self.augment = augment
+    # Training crops left for augment_device (validation is never augmented).
+    self.on_device = augment and cfg.augment_on == "device"
     self.negatives = None
     if negatives is not None:
       if cfg.strategy != "balanced":
@@ -131,12 +140,13 @@ class PatchMaker:
                           for members in self._by_domain]
     if cfg.strategy == "balanced" and not any(self._with_mitoses):
       raise ValueError("balanced sampling needs at least one mitotic figure")
+    host = augment and not self.on_device
     self.augmenter = augment_lib.Augmenter(
-        d4=cfg.d4 and augment,
-        max_shift=cfg.margin if augment else 0,
+        d4=cfg.d4 and host,
+        max_shift=cfg.margin if host else 0,
         elastic=((cfg.elastic_alpha, cfg.elastic_sigma)
-                 if augment and cfg.elastic_alpha > 0 else None),
-        colour=cfg.colour if augment else "none",
+                 if host and cfg.elastic_alpha > 0 else None),
+        colour=cfg.colour if host else "none",
         strength=cfg.colour_strength)
 
   def _case_index(self, index: int, rng: np.random.Generator) -> int:
@@ -190,14 +200,22 @@ class PatchMaker:
     x0, y0 = req.x0 - m, req.y0 - m
     image = slides_lib.open_slide(case.path).read(x0, y0, big, big)
     points, classes = _labels_in_window(case, x0, y0, big)
+    extra = dict(domain=self._domain_ids[case.domain], image_id=case.image_id,
+                 x0=req.x0, y0=req.y0, positive=int(req.kind == "mitosis"))
+    if self.on_device:
+      # The crop with its margin; the device's shift crops it. Points of the
+      # central patch first, so that _pack's truncation to max_points (stable,
+      # mitoses first) drops margin points before those likely to stay.
+      centre = sampling.points_in_window(points, m, m, cfg.patch_size)[1]
+      order = np.argsort(~centre, kind="stable")
+      return _pack(image, points[order], classes[order], cfg.max_points,
+                   dict(extra, index=index))
     rng = np.random.default_rng([self.seed, index, 1])
     if self.augment:
       # The augmenter's random shift crops the margin: patch_size comes out.
       image, points, keep = self.augmenter(image, points, rng)
       classes = classes[keep]
-    return _pack(image, points, classes, cfg.max_points, dict(
-        domain=self._domain_ids[case.domain], image_id=case.image_id,
-        x0=req.x0, y0=req.y0, positive=int(req.kind == "mitosis")))
+    return _pack(image, points, classes, cfg.max_points, extra)
 
 
 def _labels_in_window(case: Case, x0: int, y0: int, size: int

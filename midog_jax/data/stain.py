@@ -83,6 +83,24 @@ def od_to_rgb(od: np.ndarray) -> np.ndarray:
   return i.astype(np.uint8)
 
 
+def rgb_to_od_jnp(rgb):
+  """:func:`rgb_to_od` of a uint8 ``jax.Array`` (the same lookup table).
+
+  For the augmentation on the accelerator (``augment_device.py``); jax is
+  imported here, not at the top, so grain workers that only need the numpy
+  functions do not load it.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jnp.take(jnp.asarray(_OD_LUT), rgb.astype(jnp.int32), axis=0)
+
+
+def od_to_rgb_jnp(od):
+  """:func:`od_to_rgb` in jax.numpy: ``256 * exp(-od) - 1``, clipped, rounded."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  i = jnp.clip(256 * jnp.exp(-od.astype(jnp.float32)) - 1, 0, 255)
+  return jnp.floor(i + 0.5).astype(jnp.uint8)  # as the numpy truncation of i + 0.5
+
+
 # Ruifrok & Johnston (2001) H and E OD vectors (normalised), the usual default
 # when no image-specific matrix is estimated.
 _H_REF = np.array([0.650, 0.704, 0.286])

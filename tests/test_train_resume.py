@@ -7,6 +7,7 @@ resumed runs are compared with one uninterrupted run.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -131,18 +132,26 @@ def test_resume_with_a_changed_config_is_refused_before_writing(ref_run, tiny_da
 
 
 def test_device_augmentation_resumes_identically(tiny_dataset, tmp_path, ref):
-  """data.augment_on='device': keys from (seed, step, example), so a run that
-  stops after step 2 and resumes logs the losses of one that did not stop
-  (and the device path really changes the batches: not the host's losses)."""
-  device = ["--config.data.augment_on=device", "--config.checkpoint_every=2"]
+  """data.augment_on='device': keys from (seed, step, example), so a run resumed
+  from its step-2 checkpoint re-logs the losses of the uninterrupted run (and
+  the device path really changes the batches: not the host's losses)."""
+  device = ["--config.data.augment_on=device", "--config.checkpoint_every=2",
+            "--config.keep_checkpoints=2", "--config.total_steps=4"]
   straight = tmp_path / "straight"
-  run_training(tiny_dataset, straight, *device, "--config.total_steps=4")
+  run_training(tiny_dataset, straight, *device)
+  a = logged_losses(straight)
+  assert sorted(a) == [1, 2, 3, 4]
+  # The same workdir as if the run had been killed after saving step 2
+  # (one training process fewer than running to 2 and resuming).
   split = tmp_path / "split"
-  run_training(tiny_dataset, split, *device, "--config.total_steps=2")
-  r = run_training(tiny_dataset, split, *device, "--config.total_steps=4")
-  assert "resumed from" in r.stdout
-  a, b = logged_losses(straight), logged_losses(split)
-  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  shutil.copytree(straight, split)
+  shutil.rmtree(split / "checkpoints" / "latest" / "4")
+  logged_before = len((split / "metrics.jsonl").read_text().splitlines())
+  r = run_training(tiny_dataset, split, *device)
+  assert "resumed from" in r.stdout and "at step 2" in r.stdout
+  lines = (split / "metrics.jsonl").read_text().splitlines()
+  assert sum('"loss"' in line for line in lines[logged_before:]) == 2  # steps 3 and 4 redone
+  b = logged_losses(split)  # the last logged loss per step: the resumed run's
   np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)],
                              rtol=1e-5, atol=1e-6)
   assert not np.allclose([a[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)])

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -110,3 +112,36 @@ def fill_disk(folder: Path, leave_bytes: int) -> Path:
       n = f.write(chunk[:min(todo, len(chunk))])
       todo -= n
   return ballast
+
+
+def blob_image(h: int, w: int, pts, s: float = 1.5) -> np.ndarray:
+  """(h, w, 3) uint8 grey image: a bright Gaussian blob (sigma ``s``) at each (x, y)."""
+  yy, xx = np.mgrid[0:h, 0:w]
+  v = np.zeros((h, w), np.float32)
+  for x, y in pts:
+    v = np.maximum(v, np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s)))
+  g = (v * 250).astype(np.uint8)
+  return np.stack([g, g, g], -1)
+
+
+def local_max(img: np.ndarray, x: float, y: float, r: int = 4) -> np.ndarray:
+  """Position (x, y) of the brightest pixel within ``r`` of (x, y)."""
+  x, y = int(round(x)), int(round(y))
+  win = img[max(y - r, 0):y + r + 1, max(x - r, 0):x + r + 1, 0].astype(int)
+  j, i = np.unravel_index(np.argmax(win), win.shape)
+  return np.array([max(x - r, 0) + i, max(y - r, 0) + j], float)
+
+
+def marked_image(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Black (h, w, 3) uint8 image with one uniquely coloured pixel per point
+  (corners, edges, random interior points), and the points (x, y)."""
+  rng = np.random.default_rng(seed)
+  pts = [(0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1), (5, 0), (0, 7)]
+  while len(pts) < 14:
+    p = (int(rng.integers(w)), int(rng.integers(h)))
+    if p not in pts:
+      pts.append(p)
+  img = np.zeros((h, w, 3), np.uint8)
+  for i, (x, y) in enumerate(pts):
+    img[y, x] = (40 + 15 * i, 255, 255 - 15 * i)
+  return img, np.asarray(pts, np.float32)

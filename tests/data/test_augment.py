@@ -7,23 +7,13 @@ import numpy as np
 import pytest
 
 from midog_jax.data import augment as A
+from support import blob_image, local_max, marked_image
 
 H, W = 13, 17  # non-square, so width/height mix-ups fail
 
 
 def _marked(h=H, w=W, seed=0):
-  """Black image with one uniquely coloured pixel per point (corners, edges,
-  random interior points), and the points."""
-  rng = np.random.default_rng(seed)
-  pts = [(0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1), (5, 0), (0, 7)]
-  while len(pts) < 14:
-    p = (int(rng.integers(w)), int(rng.integers(h)))
-    if p not in pts:
-      pts.append(p)
-  img = np.zeros((h, w, 3), np.uint8)
-  for i, (x, y) in enumerate(pts):
-    img[y, x] = (40 + 15 * i, 255, 255 - 15 * i)
-  return img, np.asarray(pts, np.float32)
+  return marked_image(h, w, seed)
 
 
 def _assert_on_marks(img0, pts0, img1, pts1, keep):
@@ -96,35 +86,18 @@ def test_shift_moves_points():
     A.random_shift(img, pts, rng, 20)
 
 
-def _blobs(h, w, pts, s=1.5):
-  yy, xx = np.mgrid[0:h, 0:w]
-  v = np.zeros((h, w), np.float32)
-  for x, y in pts:
-    v = np.maximum(v, np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s)))
-  g = (v * 250).astype(np.uint8)
-  return np.stack([g, g, g], -1)
-
-
-def _local_max(img, x, y, r=4):
-  """Position of the brightest pixel within r of (x, y)."""
-  x, y = int(round(x)), int(round(y))
-  win = img[max(y - r, 0):y + r + 1, max(x - r, 0):x + r + 1, 0].astype(int)
-  j, i = np.unravel_index(np.argmax(win), win.shape)
-  return np.array([max(x - r, 0) + i, max(y - r, 0) + j], float)
-
-
 def test_elastic_points_follow_blobs():
   h, w = 96, 112
   g = np.arange(12, 96, 17)
   pts = np.array([(x, y) for x in g for y in g if y < h - 8], np.float32)
   pts += np.random.default_rng(3).uniform(-0.4, 0.4, pts.shape).astype(np.float32)
-  img = _blobs(h, w, pts)
+  img = blob_image(h, w, pts)
   rng = np.random.default_rng(4)
   field = A.elastic_field((h, w), rng, 3.0, 12.0)
   out, moved, keep = A.warp(img, pts, field)
   assert keep.all()
   assert out.dtype == np.uint8 and out.shape == img.shape
-  err = [np.linalg.norm(_local_max(out, *q) - q) for q in moved]
+  err = [np.linalg.norm(local_max(out, *q) - q) for q in moved]
   assert max(err) <= 1.5, err
   # The deformation is real, and the naive (not inverted) map would miss.
   assert np.linalg.norm(moved - pts, axis=1).max() > 3
@@ -132,7 +105,7 @@ def test_elastic_points_follow_blobs():
   from scipy import ndimage as ndi
   d = np.stack([ndi.map_coordinates(field[i], q, order=1) for i in range(2)])
   wrong = (q + d)[::-1].T
-  assert max(np.linalg.norm(_local_max(out, *p) - p) for p in wrong) > 1.5
+  assert max(np.linalg.norm(local_max(out, *p) - p) for p in wrong) > 1.5
   # Same through `elastic` with a seeded rng: deterministic.
   a = A.elastic(img, pts, np.random.default_rng(5), 3.0, 12.0)
   b = A.elastic(img, pts, np.random.default_rng(5), 3.0, 12.0)

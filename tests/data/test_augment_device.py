@@ -18,7 +18,7 @@ from midog_jax.data import augment as A
 from midog_jax.data import augment_device as D
 from midog_jax.data import midog, pipeline, stain
 
-from support import REPO, cpu_env
+from support import REPO, blob_image, cpu_env, local_max, marked_image
 
 # Jitted once per module (shapes are few), so compilation is paid once.
 _d4 = jax.jit(D.d4)
@@ -28,18 +28,7 @@ _rgb = jax.jit(D.rgb_affine)
 _od = jax.jit(D.od_affine)
 
 
-def _marked(h, w, seed=0):
-  """test_augment's marked image: one uniquely coloured pixel per point."""
-  rng = np.random.default_rng(seed)
-  pts = [(0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1), (5, 0), (0, 7)]
-  while len(pts) < 14:
-    p = (int(rng.integers(w)), int(rng.integers(h)))
-    if p not in pts:
-      pts.append(p)
-  img = np.zeros((h, w, 3), np.uint8)
-  for i, (x, y) in enumerate(pts):
-    img[y, x] = (40 + 15 * i, 255, 255 - 15 * i)
-  return img, np.asarray(pts, np.float32)
+_marked = marked_image  # test_augment's marked image
 
 
 def _on_marks(img0, pts0, img1, pts1, mask1):
@@ -118,28 +107,12 @@ def test_elastic_field_amplitude():
   assert 3.0 < np.mean(stds) < 5.0  # alpha is the RMS displacement
 
 
-def _blobs(h, w, pts, s=1.5):
-  yy, xx = np.mgrid[0:h, 0:w]
-  v = np.zeros((h, w), np.float32)
-  for x, y in pts:
-    v = np.maximum(v, np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s)))
-  g = (v * 250).astype(np.uint8)
-  return np.stack([g, g, g], -1)
-
-
-def _local_max(img, x, y, r=4):
-  x, y = int(round(x)), int(round(y))
-  win = img[max(y - r, 0):y + r + 1, max(x - r, 0):x + r + 1, 0].astype(int)
-  j, i = np.unravel_index(np.argmax(win), win.shape)
-  return np.array([max(x - r, 0) + i, max(y - r, 0) + j], float)
-
-
 def test_warp_matches_host_and_points_follow_blobs():
   h, w = 96, 96
   g = np.arange(12, 96, 17)
   pts = np.array([(x, y) for x in g for y in g if y < h - 8], np.float32)
   pts += np.random.default_rng(3).uniform(-0.4, 0.4, pts.shape).astype(np.float32)
-  img = _blobs(h, w, pts)
+  img = blob_image(h, w, pts)
   field = A.elastic_field((h, w), np.random.default_rng(4), 3.0, 12.0)
   ref, ref_p, keep = A.warp(img, pts, field)
   out, p, mask = _warp(img, pts, np.ones(len(pts), bool), field)
@@ -147,7 +120,7 @@ def test_warp_matches_host_and_points_follow_blobs():
   np.testing.assert_array_equal(mask, keep)
   assert np.abs(out.astype(int) - ref).max() <= 1
   np.testing.assert_allclose(p[mask], ref_p, atol=1e-3)
-  err = [np.linalg.norm(_local_max(out, *q) - q) for q in p[mask]]
+  err = [np.linalg.norm(local_max(out, *q) - q) for q in p[mask]]
   assert max(err) <= 1.5, err
   assert np.linalg.norm(p - pts, axis=1).max() > 3  # the deformation is real
   # Noise pixels and a border that reflects (a strong field at the edges).
@@ -211,7 +184,7 @@ def test_chain_keeps_points_on_marks():
 def test_full_chain_points_follow_blobs():
   g = np.arange(5, 38, 9)
   pts = np.array([(x, y) for x in g for y in g], np.float32)[:16]
-  img = _blobs(40, 40, pts)
+  img = blob_image(40, 40, pts)
   # CA-OD on a grey image is monotone in each channel: the maxima stay put.
   out = _augment(_FULL, 0, 3, _batch(img, pts, 4))
   assert out["image"].shape == (4, 28, 28, 3)
@@ -219,7 +192,7 @@ def test_full_chain_points_follow_blobs():
     im, p = np.asarray(out["image"][k]), np.asarray(out["points"][k])
     assert np.asarray(out["mask"][k]).sum() >= 4
     for q in p[np.asarray(out["mask"][k])]:
-      assert np.linalg.norm(_local_max(im, *q) - q) <= 1.5
+      assert np.linalg.norm(local_max(im, *q) - q) <= 1.5
 
 
 def test_keys_depend_on_seed_step_and_example_only():

@@ -19,12 +19,14 @@ Normalisation (``norm``):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # name -> (block kind, blocks per stage, base width)
 SPECS = {
@@ -133,15 +135,69 @@ def make_norm(kind: str, train: bool, name: str, dtype: Any,
   raise ValueError(f"unknown norm {kind!r}; expected one of {NORMS}")
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _pointwise_forward(x, w, stride):
+  return lax.conv_general_dilated(x, w, stride, ((0, 0), (0, 0)), dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pointwise(x, w, stride):
+  return _pointwise_forward(x, w, stride)
+
+
+def _pointwise_fwd(x, w, stride):
+  return _pointwise_forward(x, w, stride), (x, w)
+
+
+def _pointwise_bwd(stride, res, g):
+  x, w = res
+  _, vjp = jax.vjp(lambda x: _pointwise_forward(x, w, stride), x)
+  (dx,) = vjp(g)
+  # The weight gradient of a 1x1 convolution is one matrix product over every
+  # (example, row, column): [N*H*W, Cin]^T @ [N*H*W, Cout]. XLA would write it
+  # as a convolution of the batch-minor transposed activations with the
+  # gradient as "kernel"; on CPU those transposes alone (batch 2 as the minor
+  # dimension) cost more than the product (benchmarks/train_step.py --profile).
+  xs = x[:, ::stride[0], ::stride[1]]
+  dw = lax.dot_general(xs.reshape(-1, xs.shape[-1]), g.reshape(-1, g.shape[-1]),
+                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return dx, dw.reshape(w.shape).astype(w.dtype)
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
+def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                   precision=None, preferred_element_type=None):
+  """``lax.conv_general_dilated`` for an unpadded 1x1 NHWC/HWIO convolution
+  (``nn.Conv``'s ``conv_general_dilated`` in :func:`conv`): the same forward
+  pass, with the weight gradient computed as one matrix product."""
+  if (rhs.shape[:2] != (1, 1) or tuple(map(tuple, padding)) != ((0, 0), (0, 0))
+      or tuple(lhs_dilation or (1, 1)) != (1, 1) or tuple(rhs_dilation or (1, 1)) != (1, 1)
+      or feature_group_count != 1 or batch_group_count != 1 or precision is not None
+      or preferred_element_type is not None
+      or lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC) != lax.conv_dimension_numbers(
+          lhs.shape, rhs.shape, dimension_numbers)):
+    raise ValueError("pointwise_conv is an unpadded, undilated, ungrouped 1x1 NHWC "
+                     "convolution")
+  return _pointwise(lhs, rhs, tuple(int(s) for s in window_strides))
+
+
 def conv(features: int, kernel: int, stride: int = 1, name: str | None = None,
          dtype: Any = jnp.float32, use_bias: bool = False,
          kernel_init=_conv_init,
          bias_init=nn.initializers.zeros) -> nn.Conv:
-  """A torchvision-padded convolution (``kernel // 2`` on every side)."""
+  """A torchvision-padded convolution (``kernel // 2`` on every side); 1x1
+  ones through :func:`pointwise_conv` (the same function, a cheaper weight
+  gradient)."""
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=use_bias,
                  kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+                 conv_general_dilated=pointwise_conv if kernel == 1 else None,
                  name=name)
 
 

@@ -40,7 +40,8 @@ RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "checkpoint_every",
 # that reproduces what those runs did: a saved config that lacks one of them
 # counts as having this value (so an old host-augmented run still resumes,
 # and resuming it with device augmentation is refused).
-ADDED_KEYS: dict[str, Any] = {"data.augment_on": "host"}
+ADDED_KEYS: dict[str, Any] = {"data.augment_on": "host", "eval.inference": "tiles",
+                               "eval.region_max_mpx": 12.0, "eval.skip_blank": False}
 _ABSENT = "<absent>"
 
 
@@ -50,14 +51,16 @@ def has_checkpoint(workdir: str | os.PathLike) -> bool:
   return bool(checkpoint.saved_steps(Path(workdir) / "checkpoints" / "latest"))
 
 
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-  """``key (was A, now B)`` for every key that differs, resumable keys aside."""
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                       resumable: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
+  """``key (was A, now B)`` for every key that differs, ``resumable`` keys aside
+  (a key of :data:`ADDED_KEYS` missing from ``old`` counts as its value there)."""
   a, b = flatten(old), flatten(new)
   out = []
   for key in sorted(set(a) | set(b)):
     was = a.get(key, ADDED_KEYS.get(key, _ABSENT))
     now = b.get(key, _ABSENT)
-    if key in RESUMABLE_KEYS or was == now:
+    if key in resumable or was == now:
       continue
     out.append(f"{key} (was {was!r}, now {now!r})")
   return out

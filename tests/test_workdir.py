@@ -82,6 +82,10 @@ def test_keys_added_later_count_as_their_old_behaviour():
   other = {"data": {"patch_size": 256, "augment_on": "device"}, "seed": 0}
   assert config_differences(old, same) == []
   assert config_differences(old, other) == ["data.augment_on (was 'host', now 'device')"]
+  # Region inference keys: absent means tiles, as before they existed.
+  assert config_differences({"eval": {}}, {"eval": {"inference": "regions"}}, resumable=()) == [
+      "eval.inference (was 'tiles', now 'regions')"]
+  assert config_differences({"eval": {}}, {"eval": {"inference": "tiles"}}, resumable=()) == []
   # A key that is not listed as added stays a difference when absent.
   assert config_differences(old, {"data": {"patch_size": 256, "shift": 8}, "seed": 0}) == [
       "data.shift (was '<absent>', now 8)"]

@@ -41,9 +41,9 @@ import optuna
 from midog_jax import signals
 from midog_jax.errors import DataError, NonFiniteLossError, Stopped
 from midog_jax.fileio import atomic_output
-from midog_jax.metric_writer import MetricWriter, flatten
+from midog_jax.metric_writer import MetricWriter
 from midog_jax.search import space as space_lib
-from midog_jax.workdir import WorkdirLock
+from midog_jax.workdir import WorkdirLock, config_differences
 
 DIRECTIONS = {"f1": "maximize", "val_loss": "minimize"}
 SCALARS = {"f1": "val_f1", "val_loss": "val_loss"}  # what train.validate writes
@@ -121,9 +121,8 @@ def open_study(study_dir: Path, config, params, metric: str, seed: int,
   old = study.user_attrs
   diff = [f"{k} (was {old.get(k)!r}, now {meta[k]!r})" for k in ("metric", "space", "seed")
           if old.get(k) != meta[k]]
-  a, b = flatten(old.get("config", {})), flatten(meta["config"])
-  diff += [f"config {k} (was {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r})"
-           for k in sorted(set(a) | set(b)) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
+  diff += [f"config {d}" for d in config_differences(old.get("config", {}), meta["config"],
+                                                      resumable=RESUMABLE_KEYS)]
   if diff:
     shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
     raise DataError(study_dir / "study.db", "this study was started with other settings, "

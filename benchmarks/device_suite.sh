@@ -4,7 +4,7 @@
 # the scripts beside this one; their docstrings define the fields.
 #
 #   bash benchmarks/device_suite.sh            # full settings (meant for one GPU, < 5 min)
-#   bash benchmarks/device_suite.sh --quick    # small settings: a CPU smoke run (~6 min on 2 cores)
+#   bash benchmarks/device_suite.sh --quick    # small settings: a CPU smoke run (8 min on 2 busy cores)
 #
 # Full settings:
 #  1. whole-ROI RetinaNet inference on one 7215x5412 image (read, decode,

@@ -58,6 +58,7 @@ import numpy as np
 from flax import traverse_util
 
 from midog_jax import config_files, detectors, infer, parallel
+from midog_jax.detectors import interface
 from midog_jax.data import slides
 from midog_jax.detections import MITOSIS
 from midog_jax.detectors.retinanet import anchors as anchors_lib
@@ -256,15 +257,16 @@ def main(argv=None) -> None:
 
   calls = max(2, a.repeats)
   w, h, read = infer.image_reader(source())
-  n_tiles = (len(infer.tile_origins(w, tcfg.tile_size, tcfg.overlap))
-             * len(infer.tile_origins(h, tcfg.tile_size, tcfg.overlap)))
+  xs, ys, _, _ = infer.plan(w, h, tcfg)
+  n_tiles = len(xs) * len(ys)
   batches = -(-n_tiles // tcfg.tile_batch)
   impls = {"ours": (tile_fn, variables, tcfg)}
   compute = {"ours": best_call(lambda: run(variables, batch), calls)}
   work = {"ours": (flops_per_tile * n_tiles, flops_per_tile * tcfg.tile_batch * batches,
                    batches)}
   if a.regions:  # ours again, the image cut into a few large regions (infer.plan)
-    rcfg = dataclasses.replace(tcfg, mode="regions", multiple=method.input_multiple)
+    rcfg = dataclasses.replace(tcfg, mode="regions",
+                               multiple=interface.hook(method, "input_multiple") or 1)
     xs, ys, th, tw = infer.plan(w, h, rcfg)
     n_dev = mesh.devices.size
     rb = jax.device_put(np.stack([read(int(x), int(y), tw, th) for y in ys for x in xs][:n_dev]),

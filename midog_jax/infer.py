@@ -238,7 +238,6 @@ class _Tiles:
     self.read, self.cfg, self.batch = read, cfg, batch
     self.xs, self.ys, self.th, self.tw = plan(width, height, cfg)
     self.grid = [(iy, ix) for iy in range(len(self.ys)) for ix in range(len(self.xs))]
-    self.skipped = 0  # blank tiles never sent to the device
     self._cursor = 0
 
   def _next_batch(self) -> tuple[list[int], np.ndarray]:
@@ -254,8 +253,7 @@ class _Tiles:
       iy, ix = self.grid[g]
       tile = self.read(int(self.xs[ix]) - c, int(self.ys[iy]) - c, tw, th)
       if self.cfg.skip_blank and is_blank(tile):
-        self.skipped += 1
-        continue
+        continue  # never sent to the device
       out[len(idx)] = tile
       idx.append(g)
     return idx, out

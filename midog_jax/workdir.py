@@ -27,8 +27,7 @@ from midog_jax.metric_writer import flatten
 # the checkpoint restores unchanged (e.g. a float32 run continued in bfloat16
 # on an accelerator); "model.dtype" is its name in workdirs saved before it was
 # "model.compute_dtype", listed so that they still resume. How whole images
-# are cut (eval.inference, region_max_mpx, skip_blank) is inference only, and
-# workdirs saved before those keys existed lack them.
+# are cut (eval.inference, region_max_mpx, skip_blank) is inference only.
 RESUMABLE_KEYS = ("total_steps", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints", "num_workers", "debug_step_sleep",
                   "eval.max_val_images", "eval.write_overlays", "eval.tile_batch",

@@ -149,20 +149,32 @@ def elastic_field(shape: tuple[int, int], rng: np.random.Generator,
   keep ``alpha <= sigma / 4``.
   """
   h, w = shape
-  step = max(1.0, sigma / 4.0)
-  gh, gw = int(np.ceil((h - 1) / step)) + 1, int(np.ceil((w - 1) / step)) + 1
-  s = sigma / step
-  noise = rng.standard_normal((2, max(gh, 2), max(gw, 2))).astype(np.float32)
+  gh, gw, s = field_grid(shape, sigma)
+  noise = rng.standard_normal((2, gh, gw)).astype(np.float32)
   field = ndi.gaussian_filter(noise, (0, s, s), mode="reflect")
-  # Std of filtered unit white noise = L2 norm of the (separable) kernel.
-  delta = np.zeros(int(8 * s) + 1, np.float32)
-  delta[len(delta) // 2] = 1
-  k = ndi.gaussian_filter1d(delta, s, mode="constant")
-  field *= alpha / float(np.sum(k ** 2))
+  field *= alpha * unit_noise_scale(s)
   # Separable linear upsampling by gathering the two neighbours per axis:
   # ~10x cheaper than ndimage.zoom on the full-size output.
   field = _upsample(field, h, axis=1)
   return _upsample(field, w, axis=2)
+
+
+def field_grid(shape: tuple[int, int], sigma: float) -> tuple[int, int, float]:
+  """(gh, gw, s): the coarse grid ``elastic_field`` draws its noise on (about
+  ``sigma / 4`` px apart, at least 2 x 2) and the Gaussian's width on it."""
+  step = max(1.0, sigma / 4.0)
+  gh = int(np.ceil((shape[0] - 1) / step)) + 1
+  gw = int(np.ceil((shape[1] - 1) / step)) + 1
+  return max(gh, 2), max(gw, 2), sigma / step
+
+
+def unit_noise_scale(s: float) -> float:
+  """1 / (std of unit white noise Gaussian-filtered with width ``s`` in 2-D):
+  that std is the L2 norm of the separable kernel, the squared 1-D norm."""
+  delta = np.zeros(int(8 * s) + 1, np.float32)
+  delta[len(delta) // 2] = 1
+  k = ndi.gaussian_filter1d(delta, s, mode="constant")
+  return 1.0 / float(np.sum(k ** 2))
 
 
 def _upsample(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:

@@ -125,21 +125,14 @@ def _field_operators(h: int, w: int, sigma: float):
     (A_h (h, gh), A_w (w, gw), unit_scale): field = alpha * unit_scale *
     A_h @ noise @ A_w.T for (gh, gw) noise.
   """
-  step = max(1.0, sigma / 4.0)
-  gh, gw = int(np.ceil((h - 1) / step)) + 1, int(np.ceil((w - 1) / step)) + 1
-  gh, gw = max(gh, 2), max(gw, 2)
-  s = sigma / step
+  gh, gw, s = augment_lib.field_grid((h, w), sigma)
 
   def axis_map(g, n):
     smooth = ndi.gaussian_filter1d(np.eye(g), s, axis=0, mode="reflect")
     return augment_lib._upsample(smooth, n, axis=0)  # pylint: disable=protected-access
 
-  # Std of filtered unit white noise = L2 norm of the 2-D kernel (as augment.py).
-  delta = np.zeros(int(8 * s) + 1, np.float32)
-  delta[len(delta) // 2] = 1
-  k = ndi.gaussian_filter1d(delta, s, mode="constant")
   return (axis_map(gh, h).astype(np.float32), axis_map(gw, w).astype(np.float32),
-          1.0 / float(np.sum(k ** 2)))
+          augment_lib.unit_noise_scale(s))
 
 
 def field_shape(shape: tuple[int, int], sigma: float) -> tuple[int, int, int]:
